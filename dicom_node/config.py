@@ -1,0 +1,387 @@
+"""The node's configuration: one TOML file read into frozen, validated dataclasses.
+
+Every key is required and every unknown key is an error, so that a typo in a hospital's
+configuration stops the node at start with a message naming the key, instead of silently
+falling back to a default. Relative paths are resolved against the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dicom_node.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config.toml"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+_UID_ROOT = re.compile(r"^([0-9]+\.)*$|^$")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    ae_title: str
+    port: int
+    bind: str
+    allowed_calling_aets: tuple[str, ...]
+    require_called_aet: bool
+    uid_root: str
+    max_associations: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    root: Path
+    min_free_mb: int
+    fsync: bool
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def incoming(self) -> Path:
+        """Temporary files being received; renamed into spool/ when complete."""
+        return self.root / "incoming"
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig:
+    url: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesConfig:
+    quiet_period_s: float
+    sweep_interval_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SenderConfig:
+    max_attempts: int
+    first_retry_s: float
+    max_retry_s: float
+    timeout_s: float
+
+    def retry_delay_s(self, attempt: int) -> float:
+        """Delay before attempt number ``attempt + 1`` after ``attempt`` failed ones (>= 1)."""
+        return float(min(self.max_retry_s, self.first_retry_s * 2 ** max(0, attempt - 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    name: str
+    description_pattern: re.Pattern[str]
+    exclude_pattern: re.Pattern[str] | None
+    calling_aet_pattern: re.Pattern[str]
+    destinations: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    method: str
+    checkpoint: Path
+    device: str
+    steps: int
+    samples: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class JobsConfig:
+    workers: int
+    retention_days: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    storage: StorageConfig
+    audit: AuditConfig
+    series: SeriesConfig
+    sender: SenderConfig
+    destinations: tuple[Destination, ...]
+    routes: tuple[Route, ...]
+    model: ModelConfig
+    jobs: JobsConfig
+    source: Path
+
+    def destination(self, name: str) -> Destination:
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise KeyError(name)
+
+
+MODEL_METHODS = ("diffusion", "bulk_density")
+
+T = TypeVar("T")
+
+
+class _Table:
+    """A TOML table read key by key; reports missing, mistyped and unknown keys by full name."""
+
+    def __init__(self, data: Any, name: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"[{name}] must be a table")
+        self.data = data
+        self.name = name
+        self.used: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def get(self, key: str, kind: type[T] | tuple[type, ...], check: Callable[[Any], str | None] | None = None) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            raise ConfigError(f"missing key {self.key(key)}")
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python: refuse true/false where a number is wanted, and vice versa.
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(f"{self.key(key)} must be {_kind_name(kinds)}, not {value!r}")
+        if not isinstance(value, kinds):
+            raise ConfigError(f"{self.key(key)} must be {_kind_name(kinds)}, not {value!r}")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{self.key(key)}: {problem} (got {value!r})")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"unknown key {self.key(unknown[0])}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a TCP port (0-65535; 0 picks a free one)"
+
+
+def _ae_title(value: str) -> str | None:
+    return None if _AE_TITLE.match(value) and value.strip() else "must be 1-16 printable characters, no backslash"
+
+
+def _regex(key_name: str, value: str) -> re.Pattern[str]:
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"{key_name}: not a valid regular expression: {exc}") from exc
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve_db_url(base: Path, url: str) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        return prefix + str(_resolve(base, url[len(prefix) :]))
+    return url
+
+
+def parse_config(data: Mapping[str, Any], source: Path) -> Config:
+    """Validate a parsed TOML document; raise ConfigError naming the first bad key."""
+    base = source.parent
+    top = _Table(data, "config")
+    top.name = ""
+
+    def table(name: str) -> _Table:
+        top.used.add(name)
+        if name not in data:
+            raise ConfigError(f"missing table [{name}]")
+        return _Table(data[name], name)
+
+    t = table("node")
+    node = NodeConfig(
+        ae_title=t.get("ae_title", str, _ae_title),
+        port=t.get("port", int, _port),
+        bind=t.get("bind", str),
+        allowed_calling_aets=tuple(
+            t.get(
+                "allowed_calling_aets",
+                list,
+                lambda v: None
+                if all(isinstance(a, str) and not _ae_title(a) for a in v)
+                else "must be a list of AE titles",
+            )
+        ),
+        require_called_aet=t.get("require_called_aet", bool),
+        uid_root=t.get(
+            "uid_root",
+            str,
+            lambda v: None if _UID_ROOT.match(v) and len(v) <= 40 else "must be digits and dots ending in '.', at most 40 characters",
+        ),
+        max_associations=t.get("max_associations", int, _positive),
+    )
+    t.finish()
+
+    t = table("storage")
+    storage = StorageConfig(
+        root=_resolve(base, t.get("root", str, lambda v: None if v else "must not be empty")),
+        min_free_mb=t.get("min_free_mb", int, _non_negative),
+        fsync=t.get("fsync", bool),
+    )
+    t.finish()
+
+    t = table("audit")
+    audit = AuditConfig(url=_resolve_db_url(base, t.get("url", str, lambda v: None if "://" in v else "must be an SQLAlchemy URL")))
+    t.finish()
+
+    t = table("series")
+    series = SeriesConfig(
+        quiet_period_s=float(t.get("quiet_period_s", (int, float), _positive)),
+        sweep_interval_s=float(t.get("sweep_interval_s", (int, float), _positive)),
+    )
+    t.finish()
+
+    t = table("sender")
+    sender = SenderConfig(
+        max_attempts=t.get("max_attempts", int, _positive),
+        first_retry_s=float(t.get("first_retry_s", (int, float), _positive)),
+        max_retry_s=float(t.get("max_retry_s", (int, float), _positive)),
+        timeout_s=float(t.get("timeout_s", (int, float), _positive)),
+    )
+    t.finish()
+
+    top.used.add("destination")
+    raw_destinations = data.get("destination")
+    if not isinstance(raw_destinations, list) or not raw_destinations:
+        raise ConfigError("missing [[destination]]: at least one destination is required")
+    destinations = []
+    for i, raw in enumerate(raw_destinations):
+        t = _Table(raw, f"destination[{i}]")
+        destinations.append(
+            Destination(
+                name=t.get("name", str, lambda v: None if v else "must not be empty"),
+                ae_title=t.get("ae_title", str, _ae_title),
+                host=t.get("host", str, lambda v: None if v else "must not be empty"),
+                port=t.get("port", int, _port),
+            )
+        )
+        t.finish()
+    names = [d.name for d in destinations]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"destination.name {duplicates[0]!r} is used twice")
+
+    top.used.add("route")
+    raw_routes = data.get("route")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        raise ConfigError("missing [[route]]: at least one routing rule is required")
+    routes = []
+    for i, raw in enumerate(raw_routes):
+        t = _Table(raw, f"route[{i}]")
+        exclude = t.get("exclude_pattern", str)
+        route_destinations = tuple(t.get("destinations", list, lambda v: None if v else "must name at least one destination"))
+        for name in route_destinations:
+            if name not in names:
+                raise ConfigError(f"{t.key('destinations')}: unknown destination {name!r} (known: {', '.join(names)})")
+        routes.append(
+            Route(
+                name=t.get("name", str, lambda v: None if v else "must not be empty"),
+                description_pattern=_regex(t.key("description_pattern"), t.get("description_pattern", str)),
+                exclude_pattern=_regex(t.key("exclude_pattern"), exclude) if exclude else None,
+                calling_aet_pattern=_regex(t.key("calling_aet_pattern"), t.get("calling_aet_pattern", str)),
+                destinations=route_destinations,
+            )
+        )
+        t.finish()
+
+    t = table("model")
+    model = ModelConfig(
+        method=t.get("method", str, lambda v: None if v in MODEL_METHODS else f"must be one of {', '.join(MODEL_METHODS)}"),
+        checkpoint=_resolve(base, t.get("checkpoint", str)),
+        device=t.get("device", str, lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"),
+        steps=t.get("steps", int, _positive),
+        samples=t.get("samples", int, _positive),
+        seed=t.get("seed", int, _non_negative),
+    )
+    t.finish()
+    if model.method == "diffusion" and not model.checkpoint.is_file():
+        raise ConfigError(f"model.checkpoint: file not found: {model.checkpoint}")
+
+    t = table("jobs")
+    jobs = JobsConfig(
+        workers=t.get("workers", int, _positive),
+        retention_days=float(t.get("retention_days", (int, float), _non_negative)),
+    )
+    t.finish()
+
+    top.finish()
+    return Config(
+        node=node,
+        storage=storage,
+        audit=audit,
+        series=series,
+        sender=sender,
+        destinations=tuple(destinations),
+        routes=tuple(routes),
+        model=model,
+        jobs=jobs,
+        source=source,
+    )
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read and validate a configuration file (the embedded default when ``path`` is None)."""
+    source = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        return parse_config(data, source.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def with_overrides(config: Config, **sections: Any) -> Config:
+    """A copy of ``config`` with some fields of some sections replaced (tests and the demo)."""
+    changes: dict[str, Any] = {}
+    for section, fields in sections.items():
+        value = getattr(config, section)
+        if section == "destinations":
+            changes[section] = fields
+        else:
+            changes[section] = dataclasses.replace(value, **fields)
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,1 @@
+"""training: data, training and evaluation of the sCT model (SynthRAD layout, phantoms)."""
