@@ -92,6 +92,8 @@ class SeriesRow(Base):
     state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING, index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # When retention deleted the series' spooled files (never before its sCT was delivered).
+    cleaned_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     instances: Mapped[list[InstanceRow]] = relationship(back_populates="series")
     jobs: Mapped[list[JobRow]] = relationship(back_populates="series")
@@ -132,6 +134,8 @@ class JobRow(Base):
     next_send_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     run_attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")
+    # When retention deleted the outbox (the sCT files) after delivery.
+    cleaned_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     series: Mapped[SeriesRow] = relationship(back_populates="jobs")
     sends: Mapped[list[SendRow]] = relationship(back_populates="job", order_by="SendRow.id")

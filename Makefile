@@ -1,0 +1,55 @@
+# sct-node: `make demo` and `make test` do all the set-up on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+# Extra pip options for torch, e.g. TORCH_PIP_OPTS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_OPTS ?=
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all venv peers demo test test-fast lint typecheck bench-ingest bench-latency serve clean
+
+all: test
+
+# torch first (the CPU build on a CPU machine), then the project: a bare `torch` requirement on a
+# machine without torch would pull several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIP_OPTS) torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+peers:
+	@./scripts/ensure-peers.sh
+
+demo: venv
+	$(VENV)/bin/sct-node demo
+
+test: venv peers
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Unit tests only (no DCMTK/Orthanc).
+test-fast: venv
+	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check dicom_node sct_model training tests benchmarks
+	$(VENV)/bin/ruff format --check dicom_node sct_model training tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy dicom_node sct_model training
+
+serve: venv
+	$(VENV)/bin/sct-node serve
+
+bench-ingest: venv peers
+	$(PY) benchmarks/ingest.py
+
+bench-latency: venv peers
+	$(PY) benchmarks/latency.py
+
+clean:
+	rm -rf var demo-output .pytest_cache

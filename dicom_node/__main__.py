@@ -1,0 +1,149 @@
+"""The command line: ``sct-node serve | demo | resend | audit | check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node import __version__
+from dicom_node.config import DEFAULT_CONFIG_PATH, Config, load_config
+from dicom_node.errors import ConfigError, JobStateError
+
+log = logging.getLogger("dicom_node")
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"configuration file (default: the embedded {DEFAULT_CONFIG_PATH.name})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sct-node", description="DICOM node for MR-only radiotherapy: "
+                                     "MR series in, synthetic CT out, every step audited.")
+    parser.add_argument("--version", action="version", version=f"sct-node {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (may show identifiers)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the node until SIGTERM or Ctrl-C")
+    _add_config(serve)
+
+    check = commands.add_parser("check-config", help="validate a configuration file and print it")
+    _add_config(check)
+
+    resend = commands.add_parser("resend", help="send a FAILED (or DONE) job's sCT again")
+    resend.add_argument("job", type=int)
+    _add_config(resend)
+
+    audit = commands.add_parser("audit", help="read the audit database")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    jobs_cmd = audit_commands.add_parser("jobs", help="list jobs (state, patient, series, times)")
+    jobs_cmd.add_argument("--limit", type=int, default=50)
+    _add_config(jobs_cmd)
+    series_cmd = audit_commands.add_parser("series", help="list series (state and reason: routed, not routed, quarantined)")
+    series_cmd.add_argument("--limit", type=int, default=50)
+    _add_config(series_cmd)
+    show = audit_commands.add_parser("show", help="a job's whole history")
+    show.add_argument("job", type=int)
+    _add_config(show)
+
+    demo = commands.add_parser("demo", help="end-to-end demo: node + receiving PACS on free ports, one MR series")
+    demo.add_argument("--input", type=Path, default=None, help="a folder of real MR DICOM files (default: generated)")
+    demo.add_argument("--output", type=Path, default=Path("demo-output"), help="folder for the demo's files")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the sCT")
+    _add_config(demo)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO and, at DEBUG, dataset contents (patient names): keep it quiet.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def cmd_serve(config: Config) -> int:
+    from dicom_node.node import Node
+
+    node = Node(config)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    node.start()
+    try:
+        stop.wait()
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_resend(config: Config, job_id: int) -> int:
+    from dicom_node import jobs
+    from dicom_node.audit import AuditDB
+
+    db = AuditDB(config.audit.url)
+    try:
+        with db.session() as session:
+            state = jobs.request_resend(session, job_id)
+    except JobStateError as exc:
+        print(f"sct-node resend: {exc}", file=sys.stderr)
+        return 1
+    print(f"job {job_id}: {state} (a running node picks it up within seconds)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"sct-node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return cmd_serve(config)
+    if args.command == "check-config":
+        print(f"{config.source}: OK")
+        print(f"  node {config.node.ae_title} on {config.node.bind}:{config.node.port}, storage {config.storage.root}")
+        print(f"  audit {config.audit.url}")
+        print(f"  model {config.model.method} ({config.model.checkpoint if config.model.method == 'diffusion' else 'no checkpoint'})")
+        for destination in config.destinations:
+            print(f"  destination {destination.name}: {destination.ae_title}@{destination.host}:{destination.port}")
+        for route in config.routes:
+            print(f"  route {route.name} -> {', '.join(route.destinations)}")
+        return 0
+    if args.command == "resend":
+        return cmd_resend(config, args.job)
+    if args.command == "audit":
+        from dicom_node import audit_report
+
+        if args.audit_command == "jobs":
+            return audit_report.print_jobs(config, limit=args.limit)
+        if args.audit_command == "series":
+            return audit_report.print_series(config, limit=args.limit)
+        return audit_report.print_job(config, args.job)
+    if args.command == "demo":
+        from dicom_node import demo
+
+        return demo.run_demo(config, input_dir=args.input, output_dir=args.output, timeout_s=args.timeout)
+    raise AssertionError(args.command)
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,137 @@
+"""``sct-node audit``: the audit database as a physicist reads it (identifiers are shown here, on
+purpose: this is the reviewer's tool, not a log)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import case, func, or_, select
+
+from dicom_node.audit import AuditDB, EventRow, InstanceRow, JobRow, SendRow, SeriesRow
+from dicom_node.config import Config
+
+
+def open_existing(config: Config) -> AuditDB | None:
+    url = config.audit.url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        print(f"sct-node audit: no audit database at {url} (has the node run with this configuration?)",
+              file=sys.stderr)
+        return None
+    return AuditDB(url)
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def job_rows(db: AuditDB, limit: int) -> list[tuple[object, ...]]:
+    with db.session() as session:
+        jobs = session.execute(
+            select(JobRow, SeriesRow).join(SeriesRow, JobRow.series_id == SeriesRow.id).order_by(JobRow.id.desc()).limit(limit)
+        ).all()
+        rows = []
+        for job, series in jobs:
+            total = sum(v for k, v in job.timings_s.items() if "." not in k)
+            rows.append((job.id, job.state, series.patient_id, series.series_description[:32], series.instance_count,
+                         job.sct_instance_count or "-", job.method, _when(job.created_at), _when(job.finished_at),
+                         f"{total:.1f}"))
+        return rows
+
+
+def print_jobs(config: Config, *, limit: int = 50) -> int:
+    db = open_existing(config)
+    if db is None:
+        return 1
+    rows = job_rows(db, limit)
+    if not rows:
+        print("no jobs yet")
+        return 0
+    print(_table(("job", "state", "patient", "series", "MR", "sCT", "method", "created (UTC)", "finished (UTC)",
+                  "seconds"), rows))
+    return 0
+
+
+def print_series(config: Config, *, limit: int = 50) -> int:
+    db = open_existing(config)
+    if db is None:
+        return 1
+    with db.session() as session:
+        series_list = session.scalars(select(SeriesRow).order_by(SeriesRow.id.desc()).limit(limit)).all()
+        rows = [(s.id, s.state, s.patient_id, s.series_description[:32], s.calling_aet, s.instance_count,
+                 _when(s.last_received_at), s.reason[:80]) for s in series_list]
+    if not rows:
+        print("no series yet")
+        return 0
+    print(_table(("series", "state", "patient", "description", "from", "instances", "last received (UTC)", "reason"),
+                 rows))
+    return 0
+
+
+def describe_job(db: AuditDB, job_id: int) -> str | None:
+    """The whole history of a job, as text (None if there is no such job)."""
+    with db.session() as session:
+        job = session.get(JobRow, job_id)
+        if job is None:
+            return None
+        series = job.series
+        counts = session.execute(
+            select(func.count(), func.sum(case((InstanceRow.duplicate, 1), else_=0)))
+            .where(InstanceRow.series_id == series.id)
+        ).one()
+        lines = [
+            f"job {job.id}: {job.state}" + (f" ({job.error})" if job.error else ""),
+            f"  patient         {series.patient_name} ({series.patient_id})",
+            f"  study           {series.study_instance_uid}",
+            f"  MR series       {series.series_description!r} / {series.protocol_name!r}",
+            f"                  {series.series_instance_uid}, {series.instance_count} instances "
+            f"({counts[0]} received, {counts[1] or 0} duplicates) from {series.calling_aet}",
+            f"  route           {job.route_name} -> {', '.join(job.destinations)}",
+            f"  method          {job.method} {job.model_name} {job.model_version} on {job.device or '-'}",
+            f"  checkpoint      {job.checkpoint_path or '-'} sha256 {job.checkpoint_sha256 or '-'}",
+            f"  sampling        steps {job.steps}, samples {job.samples}, seed {job.seed}",
+            f"  sCT series      {job.sct_series_uid}, {job.sct_instance_count} instances in {job.output_dir or '-'}",
+        ]
+        if job.uncertainty_path:
+            lines.append(f"  uncertainty     mean {job.uncertainty_mean_hu:.1f} HU, p95 {job.uncertainty_p95_hu:.1f} HU "
+                         f"(std in the body) in {job.uncertainty_path}")
+        lines.append("  timings (s)     " + ", ".join(f"{k} {v:.2f}" for k, v in job.timings_s.items()))
+        sends = session.scalars(select(SendRow).where(SendRow.job_id == job_id).order_by(SendRow.id)).all()
+        if sends:
+            lines.append("  sends")
+            for send in sends:
+                lines.append(f"    {_when(send.started_at)} attempt {send.attempt} {send.destination}: "
+                             f"{'OK' if send.ok else 'FAILED'} {send.instances_sent} sent, "
+                             f"{send.instances_failed} failed. {send.message}")
+        events = session.scalars(
+            select(EventRow)
+            .where(or_(EventRow.job_id == job_id, (EventRow.series_id == series.id) & EventRow.job_id.is_(None)))
+            .order_by(EventRow.id)
+        ).all()
+        lines.append("  history (UTC)")
+        for event in events:
+            change = f"{event.from_state or '·'} -> {event.to_state}" if event.to_state else ""
+            lines.append(f"    {event.at.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}  {event.kind:<15} {change:<24} {event.message}")
+        return "\n".join(lines)
+
+
+def print_job(config: Config, job_id: int) -> int:
+    db = open_existing(config)
+    if db is None:
+        return 1
+    text = describe_job(db, job_id)
+    if text is None:
+        print(f"sct-node audit show: no job {job_id}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0

@@ -1,0 +1,184 @@
+"""``sct-node demo``: the whole product on one machine, in one command.
+
+Starts a node on free ports with the given (default) configuration, a receiving PACS (Orthanc
+when installed, otherwise a storage SCP writing files), sends an MR series by C-STORE (generated,
+or ``--input DIR``), waits for the sCT to arrive at the PACS, prints a summary (series, slices,
+stage timings, where the sCT is, the audit history) and writes a PNG montage MR | sCT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from sqlalchemy import select
+
+from dicom_node import scu
+from dicom_node.audit import JobRow, JobState, SeriesRow, SeriesState
+from dicom_node.audit_report import describe_job
+from dicom_node.config import Config, Destination, with_overrides
+from dicom_node.mr_series import check_series, load_mr_volume, read_headers
+from dicom_node.node import Node
+from dicom_node.peers import FileStoreSCP, Orthanc, free_port, orthanc_binary
+from dicom_node.synthetic_mr import generate_mr_series
+from sct_model.volume import Grid, Volume, resample
+
+DEMO_SCANNER_AET = "DEMOSCANNER"
+
+
+def demo_config(config: Config, output_dir: Path, pacs_ae_title: str, pacs_port: int) -> Config:
+    """The given configuration on free ports, with its files under ``output_dir`` and one destination."""
+    storage_root = output_dir / "node"
+    destination = Destination(name="demo_pacs", ae_title=pacs_ae_title, host="127.0.0.1", port=pacs_port)
+    routes = tuple(dataclasses.replace(route, destinations=(destination.name,)) for route in config.routes)
+    return with_overrides(
+        config,
+        node={"port": free_port(), "bind": "127.0.0.1"},
+        storage={"root": storage_root},
+        audit={"url": f"sqlite:///{storage_root / 'audit.sqlite'}"},
+        series={"quiet_period_s": 2.0, "sweep_interval_s": 0.5},
+        sender={"first_retry_s": 2.0},
+        destinations=(destination,),
+        routes=routes,
+    )
+
+
+def run_demo(config: Config, *, input_dir: Path | None, output_dir: Path, timeout_s: float) -> int:
+    output_dir = output_dir.resolve()
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
+    if input_dir is None:
+        input_dir = output_dir / "mr-input"
+        mr_files = generate_mr_series(input_dir)
+        print(f"generated a synthetic MR series: {len(mr_files)} slices in {input_dir}")
+    else:
+        mr_files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file() and _is_dicom(p))
+        print(f"input: {len(mr_files)} DICOM files from {input_dir}")
+    if not mr_files:
+        print("no DICOM files to send")
+        return 1
+
+    use_orthanc = orthanc_binary() is not None
+    pacs: Orthanc | FileStoreSCP = (Orthanc(output_dir / "orthanc") if use_orthanc
+                                    else FileStoreSCP(output_dir / "pacs-received"))
+    pacs.start()
+    pacs_port = pacs.dicom_port if isinstance(pacs, Orthanc) else pacs.port
+    node_config = demo_config(config, output_dir, pacs.ae_title, pacs_port)
+    print(f"receiving PACS: {'Orthanc ' + pacs.url if isinstance(pacs, Orthanc) else 'storage SCP'} "
+          f"(DICOM port {pacs_port}); node {node_config.node.ae_title} on port {node_config.node.port}; "
+          f"sCT method: {node_config.model.method}")
+    node = Node(node_config)
+    node.start()
+    try:
+        started = time.perf_counter()
+        sent = scu.send_series(mr_files, Destination("node", node_config.node.ae_title, "127.0.0.1", node.port),
+                               calling_aet=DEMO_SCANNER_AET, timeout_s=60)
+        send_s = time.perf_counter() - started
+        print(f"C-STORE of the MR to the node: {sent.message} in {send_s:.1f} s")
+        if not sent.ok:
+            return 1
+        assert node.db is not None
+        job = _wait_for_job(node, timeout_s)
+        if job is None:
+            return 1
+        sct_files = _wait_for_pacs(pacs, job.sct_series_uid, job.sct_instance_count, timeout_s=60)
+        print()
+        print(describe_job(node.db, job.id))
+        print()
+        where = (f"Orthanc {pacs.url}/app/explorer.html (series {job.sct_series_uid})" if isinstance(pacs, Orthanc)
+                 else str(pacs.folder))
+        print(f"sCT: {len(sct_files)} CT slices received by the PACS: {where}")
+        print(f"     node outbox copy: {job.output_dir}")
+        montage = output_dir / "montage.png"
+        write_montage(mr_files, sct_files, montage)
+        print(f"montage (MR | sCT): {montage}")
+        return 0 if len(sct_files) == job.sct_instance_count else 1
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
+
+
+def _wait_for_job(node: Node, timeout_s: float) -> JobRow | None:
+    assert node.db is not None
+    deadline = time.monotonic() + timeout_s
+    last_state = ""
+    while time.monotonic() < deadline:
+        with node.db.session() as session:
+            job = session.scalars(select(JobRow).order_by(JobRow.id.desc())).first()
+            series = session.scalars(select(SeriesRow).order_by(SeriesRow.id.desc())).first()
+            if series is not None and series.state in (SeriesState.NOT_ROUTED, SeriesState.QUARANTINED):
+                print(f"series {series.state}: {series.reason}")
+                return None
+            if job is not None:
+                if job.state != last_state:
+                    print(f"  job {job.id}: {job.state}")
+                    last_state = job.state
+                if job.state == JobState.DONE:
+                    return job
+                if job.state == JobState.FAILED:
+                    print(f"job {job.id} FAILED: {job.error}")
+                    return None
+        time.sleep(0.2)
+    print(f"no sCT within {timeout_s:.0f} s")
+    return None
+
+
+def _wait_for_pacs(pacs: Orthanc | FileStoreSCP, series_uid: str, count: int, timeout_s: float) -> list[bytes]:
+    deadline = time.monotonic() + timeout_s
+    files: list[bytes] = []
+    while time.monotonic() < deadline:
+        if isinstance(pacs, Orthanc):
+            found = pacs.find_series(series_uid)
+            files = pacs.series_files(found["ID"]) if found and len(found["Instances"]) >= count else []
+        else:
+            files = [p.read_bytes() for p in sorted(pacs.folder.glob("*.dcm"))]
+            files = [f for f in files if pydicom.dcmread(io.BytesIO(f), stop_before_pixels=True).SeriesInstanceUID == series_uid]
+        if len(files) >= count:
+            return files
+        time.sleep(0.3)
+    return files
+
+
+def _ct_volume(files: list[bytes]) -> Volume:
+    datasets = sorted((pydicom.dcmread(io.BytesIO(f)) for f in files), key=lambda d: float(d.ImagePositionPatient[2]))
+    first = datasets[0]
+    spacing_z = (float(datasets[-1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])) / max(1, len(datasets) - 1)
+    grid = Grid(size=(int(first.Columns), int(first.Rows), len(datasets)),
+                spacing_mm=(float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), spacing_z or 1.0),
+                origin_mm=tuple(float(v) for v in first.ImagePositionPatient))  # type: ignore[arg-type]
+    array = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]).astype(np.float32)
+    return Volume(array, grid)
+
+
+def _window(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    return (np.clip((image - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+
+
+def write_montage(mr_files: list[Path], sct_files: list[bytes], path: Path) -> None:
+    """Axial, coronal and sagittal mid-slices: MR (resampled onto the sCT grid) beside the sCT."""
+    headers = read_headers(mr_files)
+    mr = load_mr_volume(check_series(headers, mr_files))
+    sct = _ct_volume(sct_files)
+    mr_on_ct = resample(mr, sct.grid, default_value=0.0).array
+    low, high = np.percentile(mr_on_ct[mr_on_ct > 0], [1, 99.5]) if np.any(mr_on_ct > 0) else (0.0, 1.0)
+    z, y, x = (n // 2 for n in sct.array.shape)
+    rows = []
+    for take in (lambda a: a[z], lambda a: a[:, y, :][::-1], lambda a: a[:, :, x][::-1]):
+        mr_tile = _window(take(mr_on_ct), low, high)
+        ct_tile = _window(take(sct.array), -200, 1200)
+        rows.append(np.concatenate([mr_tile, ct_tile], axis=1))
+    width = max(r.shape[1] for r in rows)
+    canvas = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]))) for r in rows], axis=0)
+    Image.fromarray(canvas).save(path)

@@ -1,0 +1,73 @@
+"""The node: audit database, reception, scheduler, put together and started in the right order."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from dicom_node import jobs, series, spool
+from dicom_node.audit import AuditDB, InstanceRecorder, add_event
+from dicom_node.config import Config
+from dicom_node.pipeline import PipelineContext, PredictorPool, default_predictor_factory
+from dicom_node.scheduler import NodeScheduler
+from dicom_node.scp import StorageSCP
+from sct_model.result import SCTPredictor
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """One sct-node: ``start()`` recovers from any earlier crash, then listens and schedules."""
+
+    def __init__(self, config: Config, predictor_factory: Callable[[], SCTPredictor] | None = None) -> None:
+        self.config = config
+        self._predictor_factory = predictor_factory or default_predictor_factory(config)
+        self.db: AuditDB | None = None
+        self.recorder: InstanceRecorder | None = None
+        self.scp: StorageSCP | None = None
+        self.scheduler: NodeScheduler | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.scp is not None, "node not started"
+        return self.scp.port
+
+    def start(self) -> None:
+        os.umask(0o077)  # spool, outbox and database readable by the service user only
+        storage = self.config.storage
+        for folder in (storage.root, storage.spool, storage.incoming, storage.outbox, storage.quarantine):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = AuditDB(self.config.audit.url)
+        recovered = spool.reconcile_spool(self.db, storage)
+        moved = series.finish_quarantine_moves(self.config, self.db)
+        with self.db.session() as session:
+            counts = jobs.recover_after_restart(session)
+            add_event(session, "node_started",
+                      f"{self.config.node.ae_title} on {self.config.node.bind}:{self.config.node.port}",
+                      detail={"recovered_instances": recovered, "quarantine_moves": moved, **counts,
+                              "config": str(self.config.source)})
+        if recovered or moved or any(counts.values()):
+            log.info("recovery: %d instance rows rebuilt, %d quarantine moves finished, %d jobs requeued, "
+                     "%d jobs resume sending", recovered, moved, counts["requeued"], counts["resumed_sending"])
+        self.recorder = InstanceRecorder(self.db)
+        self.scp = StorageSCP(self.config, self.db, self.recorder)
+        self.scp.start()
+        ctx = PipelineContext(self.config, self.db, PredictorPool(self._predictor_factory))
+        self.scheduler = NodeScheduler(ctx)
+        self.scheduler.start()
+        log.info("sct-node %s listening on %s:%d", self.config.node.ae_title, self.config.node.bind, self.port)
+
+    def stop(self) -> None:
+        """Stop listening, let running tasks finish, write the last audit rows."""
+        if self.scp is not None:
+            self.scp.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        if self.recorder is not None:
+            self.recorder.close()
+        if self.db is not None:
+            with self.db.session() as session:
+                add_event(session, "node_stopped", "clean shutdown")
+            self.db.dispose()
+        log.info("sct-node stopped")

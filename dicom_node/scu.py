@@ -1,0 +1,97 @@
+"""The sender: C-STORE of a whole series to one destination over one association.
+
+Every instance's status is checked; the series counts as delivered only when every instance got
+a success (0x0000) or warning (0xB000, 0xB006, 0xB007) status. Retries and backoff belong to the
+caller (the pipeline's send stage), which records each attempt in the audit database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicom_node.config import Destination
+
+log = logging.getLogger(__name__)
+
+WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceStatus:
+    path: str
+    sop_instance_uid: str
+    status: int | None  # None: no response (association lost or timed out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SendResult:
+    destination: str
+    ok: bool
+    sent: int  # instances acknowledged with success or warning
+    failed: int  # instances refused or not answered
+    message: str
+    statuses: tuple[InstanceStatus, ...]
+
+
+def _sop_uids(path: Path) -> tuple[str, str, str]:
+    meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    return str(meta.SOPClassUID), str(meta.SOPInstanceUID), str(meta.file_meta.TransferSyntaxUID)
+
+
+def send_series(
+    paths: Sequence[Path], destination: Destination, *, calling_aet: str, timeout_s: float
+) -> SendResult:
+    """Send every file in ``paths`` to ``destination`` over one association."""
+    if not paths:
+        return SendResult(destination.name, False, 0, 0, "nothing to send", ())
+    headers = [(Path(p), *_sop_uids(Path(p))) for p in paths]
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    for sop_class, syntax in sorted({(h[1], h[3]) for h in headers}):
+        ae.add_requested_context(sop_class, sorted({syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
+    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except Exception as exc:  # name resolution and socket errors surface here
+        return SendResult(destination.name, False, 0, len(paths), f"cannot connect to {where}: {exc}", ())
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "association aborted or no answer"
+        return SendResult(destination.name, False, 0, len(paths), f"{where}: {reason}", ())
+
+    statuses: list[InstanceStatus] = []
+    try:
+        for message_id, (path, _sop_class, sop_instance, _syntax) in enumerate(headers, start=1):
+            if not assoc.is_established:
+                statuses.append(InstanceStatus(str(path), sop_instance, None))
+                continue
+            try:
+                response = assoc.send_c_store(path, msg_id=message_id % 65536)
+                status = int(response.Status) if response is not None and "Status" in response else None
+            except (ValueError, AttributeError, OSError) as exc:
+                log.warning("C-STORE of %s to %s failed: %s", path.name, destination.name, exc)
+                status = None
+            statuses.append(InstanceStatus(str(path), sop_instance, status))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+    good = [s for s in statuses if s.status is not None and (s.status == 0 or s.status in WARNING_STATUSES)]
+    bad = [s for s in statuses if s not in good]
+    if bad:
+        first = bad[0]
+        status_text = "no response" if first.status is None else f"status 0x{first.status:04X}"
+        message = f"{where}: {len(bad)} of {len(statuses)} instance(s) not stored (first: {status_text})"
+    else:
+        message = f"{where}: {len(good)} instance(s) stored"
+    return SendResult(destination.name, not bad, len(good), len(bad), message, tuple(statuses))

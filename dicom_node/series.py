@@ -1,0 +1,170 @@
+"""Series assembly: decide when a series is complete, check it, route it or quarantine it.
+
+DICOM has no end-of-series signal: a series is complete when no instance arrived for
+``quiet_period_s`` (as mercure, Orthanc and MONAI Deploy do it). The sweep then checks the series
+(DESIGN.md §3, in ``mr_series.check_series``) and applies the routing rules. A series that fails
+the checks is moved to quarantine/ with its reason in the audit database, never half-processed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node import jobs, routing
+from dicom_node.audit import AuditDB, InstanceRow, SeriesRow, SeriesState, add_event, utcnow
+from dicom_node.config import Config
+from dicom_node.errors import LoadError, SeriesCheckError
+from dicom_node.mr_series import check_series, read_headers
+
+log = logging.getLogger(__name__)
+
+
+def series_instance_paths(session: Session, series_id: int) -> list[Path]:
+    """The files of a series as received before it was closed: one per SOP instance (the latest copy)."""
+    rows = session.execute(
+        select(InstanceRow.sop_instance_uid, InstanceRow.path)
+        .where(InstanceRow.series_id == series_id, InstanceRow.late.is_(False))
+        .order_by(InstanceRow.id)
+    ).all()
+    latest = {sop_uid: path for sop_uid, path in rows}
+    return [Path(p) for p in latest.values()]
+
+
+def quiet_series_ids(session: Session, quiet_period_s: float, now: dt.datetime | None = None) -> list[int]:
+    cutoff = (now or utcnow()) - dt.timedelta(seconds=quiet_period_s)
+    return list(
+        session.scalars(
+            select(SeriesRow.id)
+            .where(SeriesRow.state == SeriesState.RECEIVING, SeriesRow.last_received_at <= cutoff)
+            .order_by(SeriesRow.last_received_at)
+        )
+    )
+
+
+def sweep(config: Config, db: AuditDB) -> list[int]:
+    """Close every quiet series; return the ids of the jobs created."""
+    with db.session() as session:
+        candidates = quiet_series_ids(session, config.series.quiet_period_s)
+    created: list[int] = []
+    for series_id in candidates:
+        try:
+            job_id = close_series(config, db, series_id)
+        except Exception:  # one bad series must never stop the sweep of the others
+            log.exception("closing series %d failed; it stays RECEIVING and is tried again", series_id)
+            continue
+        if job_id is not None:
+            created.append(job_id)
+    return created
+
+
+def close_series(config: Config, db: AuditDB, series_id: int) -> int | None:
+    """Check and route one quiet series. Returns the new job's id, or None."""
+    with db.session() as session:
+        series = session.get(SeriesRow, series_id)
+        if series is None or series.state != SeriesState.RECEIVING:
+            return None
+        seen_count, seen_last = series.instance_count, series.last_received_at
+        paths = series_instance_paths(session, series_id)
+
+    # Reading headers is the slow part: do it outside any transaction so that reception goes on.
+    problem: str | None = None
+    try:
+        check_series(read_headers(paths), paths)
+    except (SeriesCheckError, LoadError) as exc:
+        problem = str(exc)
+
+    quarantine_move: tuple[Path, Path] | None = None
+    job_id: int | None = None
+    with db.session() as session:
+        series = session.get(SeriesRow, series_id)
+        if series is None or series.state != SeriesState.RECEIVING:
+            return None
+        if (series.instance_count, series.last_received_at) != (seen_count, seen_last):
+            return None  # instances arrived meanwhile: not quiet after all, look again later
+        series.closed_at = utcnow()
+        if problem is not None:
+            quarantine_move = _quarantine_rows(session, config, series, problem)
+        else:
+            job_id = _route(session, config, series)
+    if quarantine_move is not None:
+        move_to_quarantine(*quarantine_move, reason=problem or "")  # after the commit (see _quarantine_rows)
+    return job_id
+
+
+def _route(session: Session, config: Config, series: SeriesRow) -> int | None:
+    decision = routing.decide(
+        config.routes,
+        series_description=series.series_description,
+        protocol_name=series.protocol_name,
+        calling_aet=series.calling_aet,
+    )
+    if not decision.routed:
+        _set_series_state(session, series, SeriesState.NOT_ROUTED, decision.reason)
+        log.info("series %d (%d instances) not routed: %s", series.id, series.instance_count, decision.reason)
+        return None
+    _set_series_state(session, series, SeriesState.ROUTED, decision.reason)
+    job = jobs.create_job(
+        session,
+        series,
+        route_name=decision.route_name or "",
+        destinations=decision.destinations,
+        model=config.model,
+        uid_root=config.node.uid_root,
+    )
+    assert series.closed_at is not None
+    job.timings_s = {"quiet_period": round((series.closed_at - series.last_received_at).total_seconds(), 3)}
+    log.info("series %d complete (%d instances): job %d queued", series.id, series.instance_count, job.id)
+    return job.id
+
+
+def _set_series_state(session: Session, series: SeriesRow, state: str, reason: str) -> None:
+    from_state, series.state, series.reason = series.state, state, reason
+    add_event(session, "series_state", reason, series_id=series.id, from_state=from_state, to_state=state,
+              detail={"instances": series.instance_count})
+
+
+def _quarantine_rows(session: Session, config: Config, series: SeriesRow, reason: str) -> tuple[Path, Path]:
+    """Mark the series QUARANTINED and point its instance rows at quarantine/; the files follow.
+
+    The database is committed first and the folder moved after: should the node die in between,
+    ``finish_quarantine_moves`` at start-up moves what is left in the spool.
+    """
+    _set_series_state(session, series, SeriesState.QUARANTINED, reason)
+    spool_dir = config.storage.spool / series.series_instance_uid
+    target = config.storage.quarantine / series.series_instance_uid
+    for row in session.scalars(select(InstanceRow).where(InstanceRow.series_id == series.id)):
+        path = Path(row.path)
+        if path.parent == spool_dir:
+            row.path = str(target / path.name)
+    log.warning("series %d quarantined: %s", series.id, reason)
+    return spool_dir, target
+
+
+def move_to_quarantine(spool_dir: Path, target: Path, reason: str) -> None:
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if spool_dir.is_dir():
+        for path in spool_dir.iterdir():
+            path.replace(target / path.name)
+        shutil.rmtree(spool_dir, ignore_errors=True)
+    (target / "QUARANTINE_REASON.txt").write_text(reason + "\n", encoding="utf-8")
+
+
+def finish_quarantine_moves(config: Config, db: AuditDB) -> int:
+    """Move the spool folders of QUARANTINED series that are still there (a crash, or late instances)."""
+    moved = 0
+    with db.session() as session:
+        rows = session.execute(
+            select(SeriesRow.series_instance_uid, SeriesRow.reason).where(SeriesRow.state == SeriesState.QUARANTINED)
+        ).all()
+    for series_uid, reason in rows:
+        spool_dir = config.storage.spool / series_uid
+        if spool_dir.is_dir():
+            move_to_quarantine(spool_dir, config.storage.quarantine / series_uid, reason)
+            moved += 1
+    return moved

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The tests' real peers come from Debian: dcmtk (storescu/storescp/echoscu) and orthanc.
+# Installs them when missing and running as root; otherwise stops with the exact line to run.
+set -euo pipefail
+missing=()
+command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
+{ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } || missing+=(orthanc)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ]; then
+  echo "installing ${missing[*]} (Debian packages the integration tests need)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # The orthanc package may start a system service on 4242/8042; the tests start their own.
+  if command -v service >/dev/null 2>&1; then service orthanc stop >/dev/null 2>&1 || true; fi
+else
+  echo "The tests need the Debian packages: ${missing[*]}. Run:" >&2
+  echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
