@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-ACCEPTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage", ENHANCED_MR_IMAGE_STORAGE: "Enhanced MR Image Storage"}
+ACCEPTED_SOP_CLASSES = {
+    MR_IMAGE_STORAGE: "MR Image Storage",
+    ENHANCED_MR_IMAGE_STORAGE: "Enhanced MR Image Storage",
+}
 
 MIN_SLICES = 3
 ORIENTATION_TOLERANCE = 1e-3
@@ -101,7 +104,7 @@ class _Frame:
 
 def read_headers(paths: Sequence[Path]) -> list[Dataset]:
     """The headers (no pixel data) of ``paths``; LoadError names the first file that cannot be read."""
-    headers = []
+    headers: list[Dataset] = []
     for path in paths:
         try:
             headers.append(pydicom.dcmread(path, stop_before_pixels=True))
@@ -111,11 +114,12 @@ def read_headers(paths: Sequence[Path]) -> list[Dataset]:
 
 
 def orientation_label(normal: Iterable[float]) -> str:
-    """'axial', 'coronal' or 'sagittal' by the patient axis closest to the slice normal; 'oblique ...' beyond 1°."""
+    """'axial', 'coronal' or 'sagittal' (the axis nearest the slice normal); 'oblique ...' beyond 1°."""
     n = np.abs(np.asarray(list(normal), dtype=float))
     axis = int(np.argmax(n))
     name = ("sagittal", "coronal", "axial")[axis]
-    return name if math.degrees(math.acos(min(1.0, n[axis] / np.linalg.norm(n)))) <= 1.0 else f"oblique {name}"
+    angle_deg = math.degrees(math.acos(min(1.0, n[axis] / np.linalg.norm(n))))
+    return name if angle_deg <= 1.0 else f"oblique {name}"
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -178,7 +182,7 @@ def _check_sop_class(headers: Sequence[Dataset]) -> str:
         names = ", ".join(_sop_class_name(uid) if uid else "no SOPClassUID" for uid in sorted(foreign))
         raise SeriesCheckError(f"not an MR image series: {names} (only MR and Enhanced MR Image Storage)")
     if len(counts) > 1:
-        parts = ", ".join(f"{_sop_class_name(uid)} ({n})" for uid, n in sorted(counts.items()))
+        parts = ", ".join(f"{_sop_class_name(uid)} ({n})" for uid, n in counts.most_common())
         raise SeriesCheckError(f"mixed SOP classes in one series: {parts}")
     modalities = sorted({str(ds.get("Modality", "")) for ds in headers})
     if modalities != ["MR"]:
@@ -211,15 +215,16 @@ def _check_image_format(headers: Sequence[Dataset], frames: Sequence[_Frame]) ->
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         photometric = str(ds.get("PhotometricInterpretation", ""))
         if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-            raise SeriesCheckError(f"not a greyscale image: {photometric or 'no PhotometricInterpretation'}, "
-                                   f"{samples} samples per pixel")
+            raise SeriesCheckError(
+                f"not a greyscale image: {photometric or 'no PhotometricInterpretation'}, {samples} samples per pixel"
+            )
     sizes = collections.Counter((f.rows, f.columns) for f in frames)
     if len(sizes) > 1:
-        parts = "; ".join(f"{r}x{c} in {n} slices" for (r, c), n in sizes.most_common())
+        parts = "; ".join(f"{r}x{c} in {_count(n, 'slice')}" for (r, c), n in sizes.most_common())
         raise SeriesCheckError(f"differing image sizes (Rows x Columns): {parts}")
     spacings = _cluster(frames, lambda f: f.pixel_spacing_mm, PIXEL_SPACING_TOLERANCE_MM)
     if len(spacings) > 1:
-        parts = "; ".join(f"{_fmt(value)} mm in {len(members)} slices" for value, members in spacings)
+        parts = "; ".join(f"{_fmt(value)} mm in {_count(len(members), 'slice')}" for value, members in spacings)
         raise SeriesCheckError(f"differing pixel spacings (PixelSpacing): {parts}")
 
 
@@ -228,14 +233,17 @@ def _check_orientation(frames: Sequence[_Frame]) -> tuple[np.ndarray, np.ndarray
     orientations = _cluster(frames, lambda f: f.iop, ORIENTATION_TOLERANCE)
     if len(orientations) > 1:
         parts = "; ".join(
-            f"{orientation_label(np.cross(value[:3], value[3:]))} [{_fmt(value, 4)}] in {len(members)} slices"
+            f"{orientation_label(np.cross(value[:3], value[3:]))} [{_fmt(value, 4)}] in {_count(len(members), 'slice')}"
             for value, members in orientations
         )
         raise SeriesCheckError(f"mixed orientations: {len(orientations)} ImageOrientationPatient values: {parts}")
     iop = np.asarray(orientations[0][0], dtype=float)
     row, column = iop[:3], iop[3:]
-    if (abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE or abs(np.linalg.norm(column) - 1) > ORIENTATION_TOLERANCE
-            or abs(float(row @ column)) > ORIENTATION_TOLERANCE):
+    if (
+        abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE
+        or abs(np.linalg.norm(column) - 1) > ORIENTATION_TOLERANCE
+        or abs(float(row @ column)) > ORIENTATION_TOLERANCE
+    ):
         raise SeriesCheckError(f"ImageOrientationPatient is not two orthogonal unit vectors: [{_fmt(iop, 6)}]")
     row = row / np.linalg.norm(row)  # Gram-Schmidt removes the rounding of the DS strings
     column = column - (column @ row) * row
@@ -272,9 +280,9 @@ def _check_one_slice_per_position(groups: Sequence[Sequence[_Frame]], frames: Se
     if max(counts) > 1:
         doubled = [i for i, n in enumerate(counts) if n > 1]
         raise SeriesCheckError(
-            f"duplicate slice positions: {len(doubled)} of {len(groups)} positions hold more than one slice "
-            f"(first at slice {doubled[0] + 1}, {counts[doubled[0]]} slices there)"
-            + (f"; {hint}" if hint else "")
+            f"duplicate slice positions: {len(doubled)} of {len(groups)} positions "
+            f"{'holds' if len(doubled) == 1 else 'hold'} more than one slice "
+            f"(first at slice {doubled[0] + 1}, {counts[doubled[0]]} slices there)" + (f"; {hint}" if hint else "")
         )
     if hint:
         raise SeriesCheckError(f"4D series: {hint}, although each of the {len(groups)} positions holds one slice")
@@ -287,13 +295,13 @@ def _volume_dimension_hint(frames: Sequence[_Frame], *, with_weak: bool = True) 
     types (magnitude/phase) only explain slices that share positions (``with_weak``).
     """
     dimensions = [
-        ("temporal positions", {f.temporal_position for f in frames} - {None}),
-        ("b-values", {f.b_value for f in frames} - {None}),
+        ("temporal positions", _distinct(f.temporal_position for f in frames)),
+        ("b-values", _distinct(f.b_value for f in frames)),
     ]
     if with_weak:
         dimensions += [
-            ("echoes", {f.echo for f in frames} - {None}),
-            ("image types", {f.image_type for f in frames} - {None}),
+            ("echoes", _distinct(f.echo for f in frames)),
+            ("image types", _distinct(f.image_type for f in frames)),
         ]
     hints = []
     for attribute, values in dimensions:
@@ -304,6 +312,10 @@ def _volume_dimension_hint(frames: Sequence[_Frame], *, with_weak: bool = True) 
     if declared > 1 and not hints:
         hints.append(f"NumberOfTemporalPositions is {declared} (dynamic)")
     return "; ".join(hints)
+
+
+def _distinct(values: Iterable[str | None]) -> set[str]:
+    return {value for value in values if value is not None}
 
 
 def _natural_key(text: str) -> tuple[float, str]:
@@ -317,7 +329,7 @@ def _check_slice_spacing(ordered: Sequence[_Frame], normal: np.ndarray) -> float
     """The uniform slice spacing (mm); SeriesCheckError for gaps and non-uniform spacing."""
     distances = np.asarray([f.ipp_mm for f in ordered], dtype=float) @ normal
     steps = np.diff(distances)
-    nominal_mm = float(np.median(steps))
+    nominal_mm = _most_common_step_mm(steps)
     tolerance = _position_tolerance_mm(nominal_mm)
     gaps, irregular = [], []
     for index, step in enumerate(steps):
@@ -330,7 +342,7 @@ def _check_slice_spacing(ordered: Sequence[_Frame], normal: np.ndarray) -> float
             irregular.append(float(step))
     if irregular:
         raise SeriesCheckError(
-            f"non-uniform slice spacing: {len(irregular)} steps between {min(irregular):.3f} and "
+            f"non-uniform slice spacing: {_count(len(irregular), 'step')} between {min(irregular):.3f} and "
             f"{max(irregular):.3f} mm where spacing is {nominal_mm:.3f} mm (tolerance {tolerance:.3f} mm)"
         )
     if gaps:
@@ -339,18 +351,29 @@ def _check_slice_spacing(ordered: Sequence[_Frame], normal: np.ndarray) -> float
         if len(gaps) > 1:
             more = f"; {len(gaps)} gaps, {sum(g[2] for g in gaps)} slices missing in all"
         raise SeriesCheckError(
-            f"missing slice(s): gap of {step:.2f} mm after slice {index + 1} of {len(ordered)} where spacing is "
-            f"{nominal_mm:.2f} mm ({missing} slice{'s' if missing > 1 else ''} missing){more}"
+            f"missing slice(s): gap of {step:.2f} mm after slice {index + 1} (of {len(ordered)} received) "
+            f"where spacing is {nominal_mm:.2f} mm ({missing} slice{'s' if missing > 1 else ''} missing)" + more
         )
     spacing_mm = float((distances[-1] - distances[0]) / (len(distances) - 1))
     residual = np.abs(distances - (distances[0] + spacing_mm * np.arange(len(distances))))
     worst = int(np.argmax(residual))
     if residual[worst] > tolerance:
         raise SeriesCheckError(
-            f"non-uniform slice spacing: slice {worst + 1} of {len(ordered)} lies {residual[worst]:.3f} mm off a "
-            f"regular grid of spacing {spacing_mm:.3f} mm (tolerance {tolerance:.3f} mm)"
+            f"non-uniform slice spacing: slice {worst + 1} of {len(ordered)} lies {residual[worst]:.3f} mm "
+            f"off a regular grid of spacing {spacing_mm:.3f} mm (tolerance {tolerance:.3f} mm)"
         )
     return spacing_mm
+
+
+def _most_common_step_mm(steps: np.ndarray) -> float:
+    """The step between neighbouring slices that occurs most often (the smaller one on a tie).
+
+    Not the median: with several gaps in a short series the median can be a gap.
+    """
+    members = [np.abs(steps - step) <= _position_tolerance_mm(float(step)) for step in steps]
+    counts = [int(m.sum()) for m in members]
+    best = min(range(len(steps)), key=lambda i: (-counts[i], steps[i]))
+    return float(np.median(steps[members[best]]))
 
 
 def _check_in_plane_drift(ordered: Sequence[_Frame], row: np.ndarray, column: np.ndarray) -> None:
@@ -361,7 +384,8 @@ def _check_in_plane_drift(ordered: Sequence[_Frame], row: np.ndarray, column: np
     if drift.max() > tolerance:
         raise SeriesCheckError(
             f"sheared slice stack (gantry tilt or slices not stacked along their normal): slice positions "
-            f"drift {drift.max():.2f} mm within the slice plane across the series (tolerance {tolerance:.2f} mm)"
+            f"drift {drift.max():.2f} mm within the slice plane across the series "
+            f"(tolerance {tolerance:.2f} mm)"
         )
 
 
@@ -377,6 +401,10 @@ def _cluster(frames: Sequence[_Frame], key: Any, tolerance: float) -> list[tuple
         else:
             clusters.append((tuple(float(v) for v in value), [frame]))
     return sorted(clusters, key=lambda c: -len(c[1]))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _fmt(values: Iterable[float], digits: int = 4) -> str:
@@ -431,23 +459,38 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
         diffusion = _macro(item, shared, "MRDiffusionSequence")
         echo = _macro(item, shared, "MREchoSequence")
         frame_type = _macro(item, shared, "MRImageFrameTypeSequence")
-        frames.append(_Frame(
-            path=path,
-            frame_number=number,
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            iop=_vector(_required_macro(item, shared, "PlaneOrientationSequence", here),
-                        "ImageOrientationPatient", 6, here),
-            ipp_mm=_vector(_required_macro(item, shared, "PlanePositionSequence", here),
-                           "ImagePositionPatient", 3, here),
-            pixel_spacing_mm=_vector(_required_macro(item, shared, "PixelMeasuresSequence", here),
-                                     "PixelSpacing", 2, here, positive=True),
-            rows=rows,
-            columns=columns,
-            temporal_position=_text(content.get("TemporalPositionIndex")) if content else None,
-            b_value=_text(diffusion.get("DiffusionBValue")) if diffusion else None,
-            echo=_text(echo.get("EffectiveEchoTime")) if echo else None,
-            image_type=_text(frame_type.get("FrameType")) if frame_type else None,
-        ))
+        frames.append(
+            _Frame(
+                path=path,
+                frame_number=number,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                iop=_vector(
+                    _required_macro(item, shared, "PlaneOrientationSequence", here),
+                    "ImageOrientationPatient",
+                    6,
+                    here,
+                ),
+                ipp_mm=_vector(
+                    _required_macro(item, shared, "PlanePositionSequence", here),
+                    "ImagePositionPatient",
+                    3,
+                    here,
+                ),
+                pixel_spacing_mm=_vector(
+                    _required_macro(item, shared, "PixelMeasuresSequence", here),
+                    "PixelSpacing",
+                    2,
+                    here,
+                    positive=True,
+                ),
+                rows=rows,
+                columns=columns,
+                temporal_position=_text(content.get("TemporalPositionIndex")) if content else None,
+                b_value=_text(diffusion.get("DiffusionBValue")) if diffusion else None,
+                echo=_text(echo.get("EffectiveEchoTime")) if echo else None,
+                image_type=_text(frame_type.get("FrameType")) if frame_type else None,
+            )
+        )
     return frames
 
 
@@ -474,8 +517,9 @@ def _vector(ds: Dataset, keyword: str, length: int, where: str, *, positive: boo
     except (TypeError, ValueError):
         numbers = ()
     if len(numbers) != length or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
-        raise SeriesCheckError(f"{where}: {keyword} missing or invalid (need {length} "
-                               f"{'positive ' if positive else ''}numbers)")
+        raise SeriesCheckError(
+            f"{where}: {keyword} missing or invalid (need {length} {'positive ' if positive else ''}numbers)"
+        )
     return numbers
 
 
@@ -501,7 +545,7 @@ def _text(value: Any) -> str | None:
 
 
 def load_mr_volume(checked: CheckedSeries) -> Volume:
-    """The float32 volume of ``checked`` (stored values through RescaleSlope/Intercept) on ``checked.grid``."""
+    """The float32 volume of ``checked`` on ``checked.grid``: stored values through RescaleSlope/Intercept."""
     array = np.empty(checked.grid.shape_zyx, dtype=np.float32)
     multi_frame: dict[Path, np.ndarray] = {}
     expected_shape = checked.grid.shape_zyx[1:]
