@@ -89,8 +89,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         if job is None or job.state != JobState.RUNNING:
             return
         paths = series_instance_paths(session, job.series_id)
-        settings = (job.steps, job.samples, job.seed, job.sct_series_uid)
-    steps, samples, seed, sct_series_uid = settings
+        settings = (job.steps, job.samples, job.seed, job.sct_series_uid, job.created_at)
+    steps, samples, seed, sct_series_uid, created_at = settings
     timings: dict[str, float] = {}
     try:
         started = time.perf_counter()
@@ -115,6 +115,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
             seed=seed,
             series_instance_uid=sct_series_uid,
             uid_root=ctx.config.node.uid_root,
+            created=created_at,  # a re-run after a crash writes byte-identical files
         )
         outbox = ctx.job_outbox(job_id)
         write_series(datasets, outbox)
