@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813
 from scipy import ndimage
 
 from sct_model.result import HU_AIR, HU_MAX, HU_MIN
@@ -41,7 +41,7 @@ class PreprocessingError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessingConfig:
-    """How an MR becomes the model's input, and how the model's output becomes HU (stored in the checkpoint)."""
+    """How an MR becomes the model's input and the model's output becomes HU (stored in the checkpoint)."""
 
     spacing_mm: Vec3 = (1.0, 1.0, 1.0)  # the model's voxel spacing (x, y, z) on an axial grid
     mr_lower_percentile: float = 0.5  # inside the body; maps to mr_output_range[0]
@@ -76,8 +76,10 @@ class PreprocessingConfig:
         names = {field.name for field in dataclasses.fields(cls)}
         unknown, missing = set(values) - names, names - set(values)
         if unknown or missing:
-            raise ValueError(f"preprocessing settings: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            raise ValueError(
+                f"preprocessing settings: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
+            )
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +216,9 @@ def normalize_mr(
     values = np.asarray(mr_array, dtype=np.float32)[inside]
     if values.size == 0:
         raise PreprocessingError("the body mask is empty: the MR cannot be normalised")
-    low, high = (float(v) for v in np.percentile(values, [config.mr_lower_percentile, config.mr_upper_percentile]))
+    low, high = (
+        float(v) for v in np.percentile(values, [config.mr_lower_percentile, config.mr_upper_percentile])
+    )
     if not high > low:
         raise PreprocessingError(f"the MR intensities inside the body are constant ({low}): cannot normalise")
     unit = np.clip((np.asarray(mr_array, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
@@ -248,6 +252,9 @@ def prepare_mr(mr: Volume, config: PreprocessingConfig, size_multiple: int = 1) 
     """The MR on the model's axial grid at ``config.spacing_mm``, normalised, with its body mask."""
     grid = model_grid_for(mr.grid, config.spacing_mm, size_multiple)
     resampled = resample_to_grid(mr, grid, linear=True, default_value=0.0)
+    if not np.isfinite(resampled.array).all():
+        log.warning("the MR has non-finite voxels; they are set to 0")
+        resampled = Volume(np.nan_to_num(resampled.array, nan=0.0, posinf=0.0, neginf=0.0), grid)
     body = body_mask(resampled, smoothing_mm=config.body_smoothing_mm, closing_mm=config.body_closing_mm)
     normalised, percentiles = normalize_mr(resampled.array, body.array, config)
     log.debug("model grid %s at %s mm; MR percentiles %s", grid.size, grid.spacing_mm, percentiles)
@@ -262,26 +269,44 @@ class OutputMasks:
     fov: Volume
 
 
-def output_masks(mr: Volume, grid: Grid, config: PreprocessingConfig | None = None) -> OutputMasks:
-    """The body mask and the MR's field of view on the output ``grid`` (the body lies inside the FOV)."""
+def output_masks(
+    mr: Volume, grid: Grid, config: PreprocessingConfig | None = None, *, max_mask_voxels: int = 16_000_000
+) -> OutputMasks:
+    """The body mask and the MR's field of view on the output ``grid`` (the body lies inside the FOV).
+
+    The body mask is computed on ``grid`` itself, or, for grids of more than ``max_mask_voxels``
+    voxels (a 0.5 mm MR), on a coarser grid over the same extent whose mask is brought back by
+    linear interpolation and a 0.5 threshold (a smooth outline, within half a coarse voxel).
+    """
     config = config or PreprocessingConfig()
     fov = fov_mask(mr.grid, grid)
-    mr_on_grid = resample_to_grid(mr, grid, linear=True, default_value=0.0)
+    voxels = int(np.prod(grid.size))
+    mask_grid = grid
+    if voxels > max_mask_voxels:
+        factor = (voxels / max_mask_voxels) ** (1.0 / 3.0)
+        spacing: Vec3 = (
+            grid.spacing_mm[0] * factor,
+            grid.spacing_mm[1] * factor,
+            grid.spacing_mm[2] * factor,
+        )
+        mask_grid = model_grid_for(grid, spacing)
+    mr_on_grid = resample_to_grid(mr, mask_grid, linear=True, default_value=0.0)
     body = body_mask(mr_on_grid, smoothing_mm=config.body_smoothing_mm, closing_mm=config.body_closing_mm)
+    if mask_grid is not grid:
+        soft = Volume(body.array.astype(np.float32), mask_grid)
+        body = Volume((resample_to_grid(soft, grid, antialias=False).array >= 0.5).astype(np.uint8), grid)
     body_array = (body.array.astype(bool) & fov.array.astype(bool)).astype(np.uint8)
     return OutputMasks(body=Volume(body_array, grid), fov=fov)
 
 
-def finish_hu(
-    hu_model: Volume, masks: OutputMasks, *, hu_range: tuple[float, float] = (HU_MIN, HU_MAX)
-) -> Volume:
-    """The model's HU volume on the output grid: linear resampling, clipped to ``hu_range``, air
-    (HU_AIR) outside the body inside the MR's field of view, ``hu_range[0]`` outside the field of view."""
+def finish_hu(hu_model: Volume, masks: OutputMasks) -> Volume:
+    """The model's HU volume on the output grid: linear resampling, clipped to [HU_MIN, HU_MAX], air
+    (HU_AIR) outside the body inside the MR's field of view, HU_MIN outside the field of view."""
     grid = masks.body.grid
-    hu = resample_to_grid(hu_model, grid, linear=True, default_value=hu_range[0]).array
-    hu = np.clip(hu, hu_range[0], hu_range[1]).astype(np.float32)
-    hu[masks.body.array == 0] = max(HU_AIR, hu_range[0])
-    hu[masks.fov.array == 0] = hu_range[0]
+    hu = resample_to_grid(hu_model, grid, linear=True, default_value=HU_MIN).array
+    hu = np.clip(hu, HU_MIN, HU_MAX).astype(np.float32)
+    hu[masks.body.array == 0] = HU_AIR
+    hu[masks.fov.array == 0] = HU_MIN
     return Volume(hu, grid)
 
 
