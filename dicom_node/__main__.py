@@ -66,7 +66,9 @@ def configure_logging(verbose: bool) -> None:
     )
     # pynetdicom logs every PDU at INFO and, at DEBUG, dataset contents (patient names): keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Interval ticks that find the task still busy are routine here ("skipped: maximum number of
+    # running instances reached"); task failures are logged by the node itself.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def cmd_serve(config: Config) -> int:

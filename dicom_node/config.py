@@ -379,9 +379,8 @@ def with_overrides(config: Config, **sections: Any) -> Config:
     """A copy of ``config`` with some fields of some sections replaced (tests and the demo)."""
     changes: dict[str, Any] = {}
     for section, fields in sections.items():
-        value = getattr(config, section)
-        if section == "destinations":
+        if isinstance(fields, Mapping):
+            changes[section] = dataclasses.replace(getattr(config, section), **fields)
+        else:  # destinations, routes: the whole tuple
             changes[section] = fields
-        else:
-            changes[section] = dataclasses.replace(value, **fields)
     return dataclasses.replace(config, **changes)

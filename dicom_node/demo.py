@@ -68,15 +68,15 @@ def run_demo(config: Config, *, input_dir: Path | None, output_dir: Path, timeou
     use_orthanc = orthanc_binary() is not None
     pacs: Orthanc | FileStoreSCP = (Orthanc(output_dir / "orthanc") if use_orthanc
                                     else FileStoreSCP(output_dir / "pacs-received"))
-    pacs.start()
     pacs_port = pacs.dicom_port if isinstance(pacs, Orthanc) else pacs.port
     node_config = demo_config(config, output_dir, pacs.ae_title, pacs_port)
-    print(f"receiving PACS: {'Orthanc ' + pacs.url if isinstance(pacs, Orthanc) else 'storage SCP'} "
-          f"(DICOM port {pacs_port}); node {node_config.node.ae_title} on port {node_config.node.port}; "
-          f"sCT method: {node_config.model.method}")
     node = Node(node_config)
-    node.start()
     try:
+        pacs.start()
+        node.start()
+        print(f"receiving PACS: {'Orthanc ' + pacs.url if isinstance(pacs, Orthanc) else 'storage SCP'} "
+              f"(DICOM port {pacs_port}); node {node_config.node.ae_title} on port {node.port}; "
+              f"sCT method: {node_config.model.method}")
         started = time.perf_counter()
         sent = scu.send_series(mr_files, Destination("node", node_config.node.ae_title, "127.0.0.1", node.port),
                                calling_aet=DEMO_SCANNER_AET, timeout_s=60)
@@ -166,19 +166,30 @@ def _window(image: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip((image - low) / (high - low), 0, 1) * 255).astype(np.uint8)
 
 
-def write_montage(mr_files: list[Path], sct_files: list[bytes], path: Path) -> None:
-    """Axial, coronal and sagittal mid-slices: MR (resampled onto the sCT grid) beside the sCT."""
+def write_montage(mr_files: list[Path], sct_files: list[bytes], path: Path, tile_px: int = 256) -> None:
+    """Axial, coronal and sagittal mid-slices: the MR and the sCT on the same isotropic display grid."""
     headers = read_headers(mr_files)
     mr = load_mr_volume(check_series(headers, mr_files))
     sct = _ct_volume(sct_files)
-    mr_on_ct = resample(mr, sct.grid, default_value=0.0).array
-    low, high = np.percentile(mr_on_ct[mr_on_ct > 0], [1, 99.5]) if np.any(mr_on_ct > 0) else (0.0, 1.0)
-    z, y, x = (n // 2 for n in sct.array.shape)
+    spacing = min(sct.grid.spacing_mm)
+    extent = np.asarray(sct.grid.size) * np.asarray(sct.grid.spacing_mm)
+    display = Grid(size=tuple(int(n) for n in np.maximum(1, np.round(extent / spacing))),  # type: ignore[arg-type]
+                   spacing_mm=(spacing, spacing, spacing),
+                   origin_mm=tuple(np.asarray(sct.grid.origin_mm) - np.asarray(sct.grid.spacing_mm) / 2 + spacing / 2))  # type: ignore[arg-type]
+    mr_display = resample(mr, display, default_value=0.0).array
+    ct_display = resample(sct, display, default_value=-1024.0).array
+    body = mr_display[mr_display > 0]
+    low, high = np.percentile(body, [1, 99.5]) if body.size else (0.0, 1.0)
+    z, y, x = (n // 2 for n in mr_display.shape)
+    # LPS arrays: axial as seen from the feet (anterior up), coronal and sagittal with the head up.
+    views = (lambda a: a[z], lambda a: a[::-1, y, :], lambda a: a[::-1, :, x])
     rows = []
-    for take in (lambda a: a[z], lambda a: a[:, y, :][::-1], lambda a: a[:, :, x][::-1]):
-        mr_tile = _window(take(mr_on_ct), low, high)
-        ct_tile = _window(take(sct.array), -200, 1200)
-        rows.append(np.concatenate([mr_tile, ct_tile], axis=1))
+    for take in views:
+        tiles = [_window(take(mr_display), low, high), _window(take(ct_display), -200, 1200)]
+        scale = tile_px / max(tiles[0].shape)
+        size = (max(1, round(tiles[0].shape[1] * scale)), max(1, round(tiles[0].shape[0] * scale)))
+        resized = [np.asarray(Image.fromarray(t).resize(size, Image.Resampling.BILINEAR)) for t in tiles]
+        rows.append(np.concatenate([resized[0], np.zeros((size[1], 4), np.uint8), resized[1]], axis=1))
     width = max(r.shape[1] for r in rows)
     canvas = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]))) for r in rows], axis=0)
     Image.fromarray(canvas).save(path)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -40,6 +42,21 @@ class SendResult:
     statuses: tuple[InstanceStatus, ...]
 
 
+def set_tcp_nodelay(assoc: Any) -> None:
+    """Disable Nagle's algorithm on the association's socket.
+
+    pynetdicom sends a C-STORE as a small command PDU followed by the dataset PDUs and then waits
+    for the response; with Nagle on, the peer's delayed ACK makes every instance wait ~40 ms (the
+    same reason DCMTK and Orthanc are started with TCP_NODELAY=1).
+    """
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            log.debug("could not set TCP_NODELAY", exc_info=True)
+
+
 def _sop_uids(path: Path) -> tuple[str, str, str]:
     meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
     return str(meta.SOPClassUID), str(meta.SOPInstanceUID), str(meta.file_meta.TransferSyntaxUID)
@@ -67,6 +84,7 @@ def send_series(
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association aborted or no answer"
         return SendResult(destination.name, False, 0, len(paths), f"{where}: {reason}", ())
+    set_tcp_nodelay(assoc)
 
     statuses: list[InstanceStatus] = []
     try:
