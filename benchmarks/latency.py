@@ -1,0 +1,118 @@
+"""Latency of one series: last MR instance received → last sCT instance stored in Orthanc, by stage.
+
+    .venv/bin/python benchmarks/latency.py [--slices 300] [--runs 3] [--quiet-period 2] [--method bulk_density]
+
+Runs ``sct-node serve`` (a subprocess, as in production) and Orthanc on free ports, sends a
+``--slices`` MR series built from the GE series of ../shared/data with DCMTK storescu, and polls
+Orthanc until the whole sCT series is stored. The split comes from the job's audit row: quiet
+period, load, sampling, writing, sending; "scheduling" is what the stages do not explain (sweep
+and runner ticks, Orthanc's indexing). The node's own overhead is the total without the quiet
+period and the sampling, which must stay under 5 s for a 300-slice series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from sqlalchemy import select
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from ingest import build_series, machine  # noqa: E402
+
+from dicom_node.audit import JobRow, JobState, SeriesRow  # noqa: E402
+from dicom_node.peers import Orthanc  # noqa: E402
+from tests.integration.harness import NodeProcess, node_config, storescu, wait_for  # noqa: E402
+
+OVERHEAD_LIMIT_S = 5.0
+STAGES = ("quiet_period", "load", "sampling", "writing", "sending")
+
+
+def one_run(workdir: Path, series_dir: Path, quiet_period_s: float, method: str) -> dict[str, float]:
+    with Orthanc(workdir / "orthanc") as pacs:
+        config = node_config(workdir, pacs_port=pacs.dicom_port,
+                             series={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.25},
+                             model={"method": method})
+        node = NodeProcess(config).start()
+        try:
+            sent = storescu(node.port, series_dir)
+            if sent.returncode != 0:
+                raise RuntimeError(sent.stdout + sent.stderr)
+            db = node.db()
+
+            def job_row() -> JobRow | None:
+                with db.session() as session:
+                    return session.scalars(select(JobRow)).first()
+
+            def stored_count() -> int:
+                job = job_row()
+                if job is None or job.state not in (JobState.SENDING, JobState.DONE):
+                    if job is not None and job.state == JobState.FAILED:
+                        raise RuntimeError(job.error)
+                    return 0
+                found = pacs.find_series(job.sct_series_uid)
+                return len(found["Instances"]) if found else 0
+
+            def complete() -> bool:
+                job = job_row()
+                return job is not None and job.sct_instance_count > 0 and stored_count() >= job.sct_instance_count
+
+            wait_for(complete, 900, "the sCT in Orthanc", interval_s=0.05)
+            stored_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+            wait_for(lambda: (j := job_row()) is not None and j.state == JobState.DONE, 60, "the job to be DONE")
+            with db.session() as session:
+                job = session.scalars(select(JobRow)).one()
+                series = session.get(SeriesRow, job.series_id)
+                assert series is not None
+                total_s = (stored_at - series.last_received_at).total_seconds()
+                timings = {stage: float(job.timings_s.get(stage, 0.0)) for stage in STAGES}
+                timings["total"] = total_s
+                timings["scheduling"] = total_s - sum(timings[s] for s in STAGES)
+                timings["overhead"] = total_s - timings["quiet_period"] - timings["sampling"]
+                timings["slices_in"], timings["slices_out"] = series.instance_count, job.sct_instance_count
+            db.dispose()
+            return timings
+        finally:
+            node.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quiet-period", type=float, default=2.0)
+    parser.add_argument("--method", default="bulk_density", choices=("bulk_density", "diffusion"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sct-latency-") as tmp:
+        root = Path(tmp)
+        series_dir = root / "series"
+        build_series(series_dir, args.slices)
+        runs = []
+        for index in range(args.runs):
+            runs.append(one_run(root / f"run{index}", series_dir, args.quiet_period, args.method))
+            print(f"run {index + 1}: total {runs[-1]['total']:.2f} s, overhead {runs[-1]['overhead']:.2f} s", flush=True)
+    print()
+    print(f"Latency, last MR instance received -> last sCT instance stored in Orthanc ({args.method}, "
+          f"{int(runs[0]['slices_in'])} MR slices -> {int(runs[0]['slices_out'])} sCT slices, median of {args.runs})")
+    print(f"machine: {machine()}")
+    print()
+    print(f"{'stage':<28}{'seconds':>10}")
+    print("-" * 38)
+    for stage in (*STAGES, "scheduling", "total"):
+        print(f"{stage:<28}{statistics.median(r[stage] for r in runs):>10.2f}")
+    overhead = statistics.median(r["overhead"] for r in runs)
+    print("-" * 38)
+    print(f"{'overhead (total - quiet - sampling)':<28}{overhead:>10.2f}   limit {OVERHEAD_LIMIT_S:.1f} s: "
+          f"{'OK' if overhead < OVERHEAD_LIMIT_S else 'OVER'}")
+    return 0 if overhead < OVERHEAD_LIMIT_S else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
