@@ -1,0 +1,200 @@
+"""The node in-process: reception → sweep → job → writer → sender, with a pynetdicom storage SCP as
+the destination and sCT methods chosen by the test (the real bulk-density baseline, a predictor
+that reports an uncertainty, one that fails)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from sqlalchemy import select
+
+from dicom_node import scu
+from dicom_node.audit import EventRow, JobRow, JobState, SendRow, SeriesRow
+from dicom_node.config import Destination, load_config, with_overrides
+from dicom_node.errors import SamplingError
+from dicom_node.node import Node
+from dicom_node.peers import FileStoreSCP, free_port
+from dicom_node.synthetic_mr import generate_mr_series
+from sct_model.result import PredictorInfo, SCTResult
+from sct_model.volume import Grid, Volume, axial_grid_covering
+from tests.integration.harness import wait_for
+
+
+class UncertainPredictor:
+    """40 HU everywhere with a known standard deviation (10 HU in the body half, 0 elsewhere)."""
+
+    info = PredictorInfo("diffusion", "fake-ldm", "9.9", "ab" * 32, "DDIM", "cpu")
+
+    def predict(self, mr: Volume, *, steps: int, samples: int, seed: int, output_grid: Grid | None = None) -> SCTResult:
+        grid = output_grid or axial_grid_covering(mr.grid)
+        hu = np.full(grid.shape_zyx, 40.0, np.float32)
+        body = np.zeros(grid.shape_zyx, np.uint8)
+        body[: grid.shape_zyx[0] // 2] = 1
+        std = np.where(body > 0, 10.0, 0.0).astype(np.float32)
+        return SCTResult(Volume(hu, grid), Volume(std, grid), Volume(body, grid), {"sampling": 0.01}, self.info,
+                         tuple(range(seed, seed + samples)))
+
+
+class FailingPredictor:
+    info = UncertainPredictor.info
+
+    def predict(self, mr: Volume, **_kwargs: object) -> SCTResult:
+        raise SamplingError("out of GPU memory (simulated)")
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    with FileStoreSCP(tmp_path / "pacs") as server:
+        yield server
+
+
+def _config(tmp_path: Path, pacs_port: int, **model: object):
+    config = load_config()
+    root = tmp_path / "node"
+    return with_overrides(
+        config,
+        node={"port": free_port()},
+        storage={"root": root, "min_free_mb": 10},
+        audit={"url": f"sqlite:///{root / 'audit.sqlite'}"},
+        series={"quiet_period_s": 0.5, "sweep_interval_s": 0.2},
+        sender={"first_retry_s": 0.2, "max_retry_s": 0.5, "max_attempts": 2, "timeout_s": 10.0},
+        destinations=(Destination("planning_pacs", "PLANNING", "127.0.0.1", pacs_port),),
+        model=dict(model) if model else {},
+    )
+
+
+def _send(node: Node, files: list[Path]) -> None:
+    result = scu.send_series(files, Destination("node", "SCTNODE", "127.0.0.1", node.port), calling_aet="SCANNER",
+                             timeout_s=30)
+    assert result.ok, result.message
+
+
+def _wait_job(node: Node, states=(JobState.DONE, JobState.FAILED)) -> JobRow:
+    assert node.db is not None
+
+    def finished():
+        with node.db.session() as session:
+            job = session.scalars(select(JobRow)).first()
+            return job if job is not None and job.state in states else None
+
+    return wait_for(finished, 60, f"a job in {states}")
+
+
+def test_bulk_density_series_is_written_and_delivered(tmp_path, pacs):
+    node = Node(_config(tmp_path, pacs.port))
+    node.start()
+    try:
+        files = generate_mr_series(tmp_path / "mr", slices=12, rows=32, columns=32, orientation="sagittal")
+        _send(node, files)
+        job = _wait_job(node)
+        assert job.state == JobState.DONE, job.error
+        received = sorted(pacs.folder.glob("*.dcm"))
+        assert len(received) == job.sct_instance_count > 0
+        ct = pydicom.dcmread(received[0])
+        assert ct.Modality == "CT" and ct.SeriesInstanceUID == job.sct_series_uid
+        assert job.model_name == "bulk-density" and job.method == "bulk_density"
+        assert {"quiet_period", "load", "sampling", "writing", "sending"} <= set(job.timings_s)
+        assert job.timings_s["quiet_period"] >= 0.5
+        with node.db.session() as session:
+            sends = session.scalars(select(SendRow)).all()
+            assert [(s.destination, s.ok, s.instances_sent) for s in sends] == [
+                ("planning_pacs", True, job.sct_instance_count)]
+    finally:
+        node.stop()
+
+
+def test_uncertainty_is_stored_next_to_the_job_and_summarised(tmp_path, pacs):
+    config = _config(tmp_path, pacs.port, samples=3)
+    node = Node(config, predictor_factory=UncertainPredictor)
+    node.start()
+    try:
+        _send(node, generate_mr_series(tmp_path / "mr", slices=10, rows=24, columns=24))
+        job = _wait_job(node)
+        assert job.state == JobState.DONE, job.error
+        assert job.samples == 3
+        path = Path(job.uncertainty_path)
+        assert path.exists() and path.parent == config.storage.outbox
+        std = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        assert std.max() == pytest.approx(10.0)
+        assert job.uncertainty_mean_hu == pytest.approx(10.0)  # inside the body only
+        assert job.uncertainty_p95_hu == pytest.approx(10.0)
+        assert job.checkpoint_sha256 == "ab" * 32
+    finally:
+        node.stop()
+
+
+def test_a_failing_stage_makes_a_failed_job_with_the_reason_and_the_node_goes_on(tmp_path, pacs):
+    node = Node(_config(tmp_path, pacs.port), predictor_factory=FailingPredictor)
+    node.start()
+    try:
+        _send(node, generate_mr_series(tmp_path / "mr", slices=8, rows=16, columns=16))
+        job = _wait_job(node)
+        assert job.state == JobState.FAILED
+        assert "SamplingError: out of GPU memory (simulated)" in job.error
+        assert not list(pacs.folder.glob("*.dcm"))
+        assert node.scp is not None
+        assert scu.send_series([], Destination("n", "SCTNODE", "127.0.0.1", node.port), calling_aet="X",
+                               timeout_s=5).message == "nothing to send"
+    finally:
+        node.stop()
+
+
+def test_destination_refusing_gets_retries_then_failed_then_resend_delivers(tmp_path):
+    refusing = FileStoreSCP(tmp_path / "refusing")
+    refusing._on_store = lambda event: 0xA700  # type: ignore[method-assign]
+    refusing.start()
+    config = _config(tmp_path, refusing.port)
+    node = Node(config)
+    node.start()
+    try:
+        _send(node, generate_mr_series(tmp_path / "mr", slices=8, rows=16, columns=16))
+        job = _wait_job(node)
+        assert job.state == JobState.FAILED
+        assert job.send_attempts == config.sender.max_attempts
+        assert "status 0xA700" in job.error
+        refusing.stop()
+        with FileStoreSCP(tmp_path / "good", port=refusing.port) as good:
+            from dicom_node import jobs
+
+            with node.db.session() as session:
+                assert jobs.request_resend(session, job.id) == JobState.SENDING
+            job = _wait_job(node, states=(JobState.DONE,))
+            assert len(list(good.folder.glob("*.dcm"))) == job.sct_instance_count
+    finally:
+        node.stop()
+        refusing.stop()
+
+
+def test_not_routed_series_is_audited_with_the_reason(tmp_path, pacs):
+    node = Node(_config(tmp_path, pacs.port))
+    node.start()
+    try:
+        _send(node, generate_mr_series(tmp_path / "mr", slices=6, rows=16, columns=16,
+                                       series_description="T2 TRACEW", protocol_name="ep2d_diff_b1000"))
+        assert node.db is not None
+
+        def closed():
+            with node.db.session() as session:
+                row = session.scalars(select(SeriesRow)).first()
+                return row if row is not None and row.state != "RECEIVING" else None
+
+        series = wait_for(closed, 30, "the series to be closed")
+        assert series.state == "NOT_ROUTED" and "excluded" in series.reason
+        with node.db.session() as session:
+            assert session.scalars(select(JobRow)).first() is None
+            assert session.scalars(select(EventRow).where(EventRow.kind == "series_state")).first() is not None
+    finally:
+        node.stop()
+
+
+def test_with_overrides_keeps_the_config_frozen():
+    config = load_config()
+    changed = with_overrides(config, series={"quiet_period_s": 1.0})
+    assert changed.series.quiet_period_s == 1.0 and config.series.quiet_period_s != 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        changed.series.quiet_period_s = 2.0  # type: ignore[misc]
