@@ -1,0 +1,469 @@
+"""The DICOM listener: receives MR instances from scanners (C-STORE) into the spool.
+
+Accepted: MR Image Storage and Enhanced MR Image Storage, in the transfer syntaxes whose pixel
+data the installed pydicom decodes without extra plugins (:data:`TRANSFER_SYNTAXES`), and
+Verification (C-ECHO). Every other SOP class is refused at association negotiation (its
+presentation context is rejected; an association that proposes no MR storage at all is audited
+as ``sop_class_refused``). Calling AE titles outside ``node.allowed_calling_aets`` (when the
+list is not empty) and, with ``node.require_called_aet``, a called AE title other than
+``node.ae_title`` get the association rejected (audited as ``association_rejected``), as does
+one beyond ``node.max_associations``.
+
+Each instance is written to the spool from the raw bytes the sender encoded, never decoded and
+re-encoded: pynetdicom's ``event.encoded_dataset(include_meta=False)`` hands over the dataset as
+received, our own File Meta Information goes in front (:func:`dicom_node.spool.part10_header`)
+and :func:`dicom_node.spool.write_atomic` puts the file in place. Only the few header fields the
+audit needs are parsed (:func:`dicom_node.spool.read_instance_header`). The success status is
+sent only once the file is complete in the spool (and fsynced when ``storage.fsync``); its audit
+row follows within a fraction of a second through the batching :class:`InstanceRecorder`.
+
+Why in memory and not pynetdicom's chunked receive (``STORE_RECV_CHUNKED_DATASET``): that
+setting is process-wide, writes its temporary file in the system temporary folder (often another
+file system than the spool, so no atomic rename, and a copy instead), with a write call per PDU
+and pynetdicom's own file meta; it saves memory only for datasets far larger than an MR slice
+(an Enhanced MR series object is at most a few hundred MB, times ``max_associations``). In
+memory, the dataset is one bytes object written to disk as it is, after the file meta.
+
+C-STORE response statuses (PS3.4 B.2.3 and PS3.7 C); each failure also carries an Error Comment
+(0000,0902), is logged at WARNING (no patient identifiers) and audited as a ``store_refused``
+event with the details; nothing is left in the spool:
+
+======  ==========================================  ===========================================
+Status  Meaning                                     When
+======  ==========================================  ===========================================
+0x0000  Success                                     the file is in the spool
+0x0122  Refused: SOP Class Not Supported            not MR / Enhanced MR (negotiation should
+                                                    have refused it already)
+0xA700  Refused: Out of Resources                   free space on ``storage.root`` would fall
+                                                    below ``storage.min_free_mb`` (checked
+                                                    before writing), or the disk is full
+0xA701  Refused: Out of Resources                   writing the file failed (any other OSError)
+0xA900  Data Set Does Not Match SOP Class           SOP Class UID in the dataset differs from
+                                                    the request's Affected SOP Class UID
+0xC210  Cannot Understand                           the dataset cannot be parsed
+0xC211  Cannot Understand                           unexpected error in the node (a bug; logged
+                                                    with its traceback)
+0xC220  Cannot Understand                           SOP Instance, Series Instance or Study
+                                                    Instance UID missing or not a valid UID
+0xC221  Cannot Understand                           SOP Instance UID in the dataset differs from
+                                                    the request's Affected SOP Instance UID
+======  ==========================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.audit import AuditDB, InstanceRecorder, add_event, utcnow
+from dicom_node.config import Config
+from dicom_node.spool import (
+    InstanceHeader,
+    ensure_storage_dirs,
+    is_valid_uid,
+    part10_header,
+    read_instance_header,
+    spool_path,
+    write_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (MRImageStorage, EnhancedMRImageStorage)
+VERIFICATION_SOP_CLASS = UID("1.2.840.10008.1.1")
+# Uncompressed, deflated and RLE Lossless: pydicom decodes all four with numpy alone. JPEG
+# Lossless, JPEG-LS and JPEG 2000 need optional plugins and are left out until one is a
+# dependency of the project; scanners then fall back to an uncompressed syntax they also offer.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+)
+_MIB = 1 << 20
+_ERROR_COMMENT_CHARS = 64  # Error Comment is LO
+_MAX_LISTED_CLASSES = 10
+
+
+class Status(IntEnum):
+    SUCCESS = 0x0000
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    OUT_OF_RESOURCES = 0xA700
+    WRITE_FAILED = 0xA701
+    SOP_CLASS_MISMATCH = 0xA900
+    CANNOT_PARSE = 0xC210
+    INTERNAL_ERROR = 0xC211
+    UID_MISSING_OR_INVALID = 0xC220
+    INSTANCE_UID_MISMATCH = 0xC221
+
+
+class StoreRefusedError(Exception):
+    """Why one C-STORE is refused: the status, a short reason (no patient data) and audit details."""
+
+    def __init__(self, status: Status, reason: str, **detail: Any) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+    def response(self) -> Dataset:
+        rsp = Dataset()
+        rsp.Status = int(self.status)
+        rsp.ErrorComment = self.reason[:_ERROR_COMMENT_CHARS]
+        return rsp
+
+
+@dataclass
+class _AssociationTally:
+    calling_aet: str
+    address: str
+    stored: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+
+
+# Rejection reasons by (result source, diagnostic) of the A-ASSOCIATE-RJ that pynetdicom sent.
+_REJECTION_REASONS: dict[tuple[int | None, int | None], str] = {
+    (0x01, 0x03): "calling AE title not allowed",
+    (0x01, 0x07): "called AE title is not this node's",
+    (0x03, 0x02): "too many simultaneous associations",
+    (0x02, 0x01): "user identity refused",
+}
+
+
+class StorageSCP:
+    """The node's C-STORE / C-ECHO listener; ``start()`` returns at once, ``stop()`` ends it."""
+
+    def __init__(self, config: Config, db: AuditDB, recorder: InstanceRecorder) -> None:
+        self._config = config
+        self._db = db
+        self._recorder = recorder
+        self._server: ThreadedAssociationServer | None = None
+        self._tallies: weakref.WeakKeyDictionary[Association, _AssociationTally] = weakref.WeakKeyDictionary()
+        self._tally_lock = threading.Lock()
+        self._ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self._config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.require_called_aet = node.require_called_aet
+        ae.require_calling_aet = list(node.allowed_calling_aets)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(VERIFICATION_SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        return ae
+
+    def _handlers(self) -> list[EventHandlerType]:
+        return [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the DICOM listener is already running")
+        ensure_storage_dirs(self._config.storage)
+        node = self._config.node
+        self._server = self._ae.start_server(
+            (node.bind, node.port), block=False, evt_handlers=self._handlers()
+        )
+        log.info(
+            "DICOM listener %s on %s:%d: MR and Enhanced MR Image Storage, Verification; %s",
+            node.ae_title,
+            node.bind,
+            self.port,
+            f"calling AE titles {', '.join(node.allowed_calling_aets)}"
+            if node.allowed_calling_aets
+            else "any calling AE title",
+        )
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (the configured one, or the free one picked for port 0)."""
+        if self._server is None:
+            raise RuntimeError("the DICOM listener is not running")
+        return int(self._server.server_address[1])
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting; let running associations finish for ``timeout_s``, then abort them.
+
+        An aborted sender has not had the success status of its last instance, so it sends it
+        again: nothing acknowledged is lost.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + timeout_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            log.warning("aborting the association from %s at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+        log.info("DICOM listener %s stopped", self._config.node.ae_title)
+
+    # C-STORE ---------------------------------------------------------------------------------
+
+    def _on_store(self, event: Event) -> Dataset | int:
+        """The EVT_C_STORE handler. Never raises: every problem becomes a failure status."""
+        calling_aet = "?"
+        try:
+            calling_aet = _calling_aet(event)
+            self._store(event, calling_aet)
+        except StoreRefusedError as refusal:
+            self._refuse(event, calling_aet, refusal)
+            return refusal.response()
+        except Exception as exc:  # a bug: the sender gets a failure and resends, the node stays up
+            log.exception("unexpected error while storing an instance from %s", calling_aet)
+            internal = StoreRefusedError(
+                Status.INTERNAL_ERROR, "internal error in the node", error=repr(exc)[:500]
+            )
+            self._refuse(event, calling_aet, internal)
+            return internal.response()
+        self._tally(event, stored=1)
+        return int(Status.SUCCESS)
+
+    def _store(self, event: Event, calling_aet: str) -> None:
+        request = cast(C_STORE, event.request)
+        sop_class_uid = str(request.AffectedSOPClassUID or "")
+        sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+        if sop_class_uid not in STORAGE_SOP_CLASSES:
+            raise StoreRefusedError(
+                Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported", sop_class_uid=sop_class_uid
+            )
+        transfer_syntax_uid = str(event.context.transfer_syntax)
+        data = event.encoded_dataset(include_meta=False)
+        self._check_free_space(len(data))
+        header = _parse_header(data, transfer_syntax_uid)
+        _check_header(header, sop_class_uid, sop_instance_uid)
+        storage = self._config.storage
+        path = spool_path(storage, header.series_instance_uid, header.sop_instance_uid)
+        meta = part10_header(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            implementation_class_uid=self._ae.implementation_class_uid,
+            implementation_version_name=self._ae.implementation_version_name or "",
+            source_aet=calling_aet,
+        )
+        try:
+            size_bytes = write_atomic((meta, data), path, storage.incoming, storage.fsync)
+        except OSError as exc:
+            disk_full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StoreRefusedError(
+                Status.OUT_OF_RESOURCES if disk_full else Status.WRITE_FAILED,
+                "storage full" if disk_full else "cannot write to the spool",
+                error=f"{type(exc).__name__}: {exc.strerror or exc}",
+                series_instance_uid=header.series_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+            ) from exc
+        self._recorder.record(
+            header.received(calling_aet=calling_aet, path=path, size_bytes=size_bytes, received_at=utcnow())
+        )
+        log.debug("stored %s (%d bytes) from %s", path.name, size_bytes, calling_aet)
+
+    def _check_free_space(self, incoming_bytes: int) -> None:
+        storage = self._config.storage
+        try:
+            stat = os.statvfs(storage.root)
+        except OSError as exc:
+            raise StoreRefusedError(Status.WRITE_FAILED, "storage not available", error=str(exc)) from exc
+        free_bytes = stat.f_bavail * stat.f_frsize
+        floor_bytes = storage.min_free_mb * _MIB
+        if free_bytes - incoming_bytes < floor_bytes:
+            raise StoreRefusedError(
+                Status.OUT_OF_RESOURCES,
+                "storage below its free-space floor",
+                free_mb=round(free_bytes / _MIB, 1),
+                min_free_mb=storage.min_free_mb,
+            )
+
+    def _refuse(self, event: Event, calling_aet: str, refusal: StoreRefusedError) -> None:
+        """Log (no patient data) and audit one refused C-STORE; never raises."""
+        try:
+            request = cast(C_STORE, event.request)
+            self._tally(event, refused_status=int(refusal.status))
+            log.warning(
+                "C-STORE from %s refused with 0x%04X: %s", calling_aet, int(refusal.status), refusal.reason
+            )
+            detail = {
+                "status": f"0x{int(refusal.status):04X}",
+                "calling_aet": calling_aet,
+                "address": _address(event),
+                "affected_sop_class_uid": str(request.AffectedSOPClassUID or ""),
+                "affected_sop_instance_uid": str(request.AffectedSOPInstanceUID or ""),
+                **refusal.detail,
+            }
+            with self._db.session() as session:
+                add_event(session, "store_refused", refusal.reason, detail=detail)
+        except Exception:
+            log.exception("could not audit a refused C-STORE from %s", calling_aet)
+
+    # Association events ----------------------------------------------------------------------
+
+    def _on_echo(self, event: Event) -> int:
+        log.debug("C-ECHO from %s", _calling_aet(event))
+        return int(Status.SUCCESS)
+
+    def _on_accepted(self, event: Event) -> None:
+        try:
+            calling_aet = _calling_aet(event)
+            with self._tally_lock:
+                self._tallies[event.assoc] = _AssociationTally(calling_aet, _address(event))
+            log.info("association from %s (%s) accepted", calling_aet, _address(event))
+            accepted = {str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts}
+            proposed = {str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts}
+            refused = sorted(proposed - accepted)
+            if refused and not accepted.intersection(STORAGE_SOP_CLASSES):
+                # Senders commonly propose every class they know (storescu proposes about 60):
+                # only an association that can send nothing the node takes is worth an audit row.
+                names = [UID(uid).name for uid in refused]
+                log.warning(
+                    "association from %s proposes no MR storage; refused: %s",
+                    calling_aet,
+                    "; ".join(names[:_MAX_LISTED_CLASSES]),
+                )
+                self._audit(
+                    "sop_class_refused",
+                    f"{calling_aet} proposed only SOP classes the node does not accept",
+                    calling_aet=calling_aet,
+                    address=_address(event),
+                    sop_classes=[f"{uid} ({name})" for uid, name in zip(refused, names, strict=True)],
+                )
+            elif refused:
+                log.debug("association from %s: %d SOP class(es) refused", calling_aet, len(refused))
+        except Exception:
+            log.exception("error in the association-accepted handler")
+
+    def _on_rejected(self, event: Event) -> None:
+        try:
+            calling_aet = _calling_aet(event)
+            primitive = event.assoc.acceptor.primitive
+            key = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+            reason = _REJECTION_REASONS.get(key, "rejected")
+            log.warning("association from %s (%s) rejected: %s", calling_aet, _address(event), reason)
+            self._audit(
+                "association_rejected",
+                f"association from {calling_aet} rejected: {reason}",
+                calling_aet=calling_aet,
+                called_aet=_called_aet(event),
+                address=_address(event),
+                reason=reason,
+            )
+        except Exception:
+            log.exception("error in the association-rejected handler")
+
+    def _on_closed(self, event: Event) -> None:
+        try:
+            with self._tally_lock:
+                tally = self._tallies.pop(event.assoc, None)
+            if tally is None:
+                return
+            how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+            refused = ", ".join(f"{n} x 0x{status:04X}" for status, n in sorted(tally.refused.items()))
+            log.info(
+                "association from %s %s: %d instance(s) stored%s",
+                tally.calling_aet,
+                how,
+                tally.stored,
+                f", refused {refused}" if refused else "",
+            )
+        except Exception:
+            log.exception("error in the association-closed handler")
+
+    def _tally(self, event: Event, *, stored: int = 0, refused_status: int | None = None) -> None:
+        """Count for the association's summary line; never raises (the counts are only for the log)."""
+        try:
+            with self._tally_lock:
+                tally = self._tallies.get(event.assoc)
+                if tally is None:
+                    return
+                tally.stored += stored
+                if refused_status is not None:
+                    tally.refused[refused_status] = tally.refused.get(refused_status, 0) + 1
+        except Exception:
+            log.exception("cannot count a C-STORE for the association summary")
+
+    def _audit(self, kind: str, message: str, **detail: Any) -> None:
+        with self._db.session() as session:
+            add_event(session, kind, message, detail=detail)
+
+
+def _parse_header(data: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+    try:
+        return read_instance_header(data, transfer_syntax_uid)
+    except Exception as exc:
+        raise StoreRefusedError(
+            Status.CANNOT_PARSE, "dataset cannot be parsed", error=f"{type(exc).__name__}: {exc}"[:500]
+        ) from exc
+
+
+def _check_header(header: InstanceHeader, sop_class_uid: str, sop_instance_uid: str) -> None:
+    """The dataset must be the instance the request announced, with usable UIDs."""
+    for name, value in (
+        ("SOPInstanceUID", header.sop_instance_uid),
+        ("SeriesInstanceUID", header.series_instance_uid),
+        ("StudyInstanceUID", header.study_instance_uid),
+    ):
+        if not is_valid_uid(value):
+            raise StoreRefusedError(
+                Status.UID_MISSING_OR_INVALID,
+                f"{name} {'invalid' if value else 'missing'}",
+                element=name,
+                value=value[:80],
+                sop_instance_uid=header.sop_instance_uid[:80],
+            )
+    if header.sop_instance_uid != sop_instance_uid:
+        raise StoreRefusedError(
+            Status.INSTANCE_UID_MISMATCH,
+            "SOPInstanceUID differs from the request's",
+            dataset_sop_instance_uid=header.sop_instance_uid,
+        )
+    if header.sop_class_uid != sop_class_uid:
+        raise StoreRefusedError(
+            Status.SOP_CLASS_MISMATCH,
+            "SOPClassUID differs from the request's",
+            dataset_sop_class_uid=header.sop_class_uid[:80],
+            sop_instance_uid=header.sop_instance_uid,
+        )
+
+
+def _calling_aet(event: Event) -> str:
+    return str(event.assoc.requestor.ae_title or "").strip()
+
+
+def _called_aet(event: Event) -> str:
+    primitive = event.assoc.requestor.primitive
+    return str(getattr(primitive, "called_ae_title", "") or "").strip()
+
+
+def _address(event: Event) -> str:
+    requestor = event.assoc.requestor
+    return f"{requestor.address}:{requestor.port}"
