@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dicom_node import __version__
 from dicom_node.config import DEFAULT_CONFIG_PATH, Config, load_config
-from dicom_node.errors import ConfigError, JobStateError
+from dicom_node.errors import ConfigError, JobStateError, StorageInUseError
 
 log = logging.getLogger("dicom_node")
 
@@ -83,7 +83,11 @@ def cmd_serve(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    node.start()
+    try:
+        node.start()
+    except StorageInUseError as exc:
+        print(f"sct-node: {exc}", file=sys.stderr)
+        return 3
     try:
         stop.wait()
     finally:

@@ -379,14 +379,25 @@ class InstanceRecorder:
             self._write(batch)
 
     def _write(self, batch: list[ReceivedInstance]) -> None:
-        for attempt in range(1, 6):
+        try:
+            if not self._try_write(batch, attempts=5):
+                # One bad row must not cost the others theirs: write the batch row by row.
+                for instance in batch:
+                    if not self._try_write([instance], attempts=2):
+                        log.error("instance row for a file in %s could not be written; it will be rebuilt from "
+                                  "the spool at the next start", Path(instance.path).parent.name)
+        finally:
+            with self._idle:
+                self._pending -= len(batch)
+                self._idle.notify_all()
+
+    def _try_write(self, batch: list[ReceivedInstance], attempts: int) -> bool:
+        for attempt in range(1, attempts + 1):
             try:
                 with self.db.session() as session:
                     record_instances(session, batch)
-                break
-            except Exception:  # the database is briefly locked or gone: retry, never drop rows silently
-                log.exception("writing %d instance rows failed (attempt %d of 5)", len(batch), attempt)
-                time.sleep(0.5 * attempt)
-        with self._idle:
-            self._pending -= len(batch)
-            self._idle.notify_all()
+                return True
+            except Exception:  # the database is briefly locked or gone: retry
+                log.exception("writing %d instance rows failed (attempt %d of %d)", len(batch), attempt, attempts)
+                time.sleep(0.2 * attempt)
+        return False

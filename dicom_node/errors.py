@@ -33,3 +33,7 @@ class SendError(SctNodeError):
 
 class JobStateError(SctNodeError):
     """A job state transition that the state machine does not allow."""
+
+
+class StorageInUseError(SctNodeError):
+    """Another node holds the storage root (one node per spool)."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Callable
+from typing import IO
 
 from dicom_node import jobs, series, spool
 from dicom_node.audit import AuditDB, InstanceRecorder, add_event
 from dicom_node.config import Config
+from dicom_node.errors import StorageInUseError
 from dicom_node.pipeline import PipelineContext, PredictorPool, default_predictor_factory
 from dicom_node.scheduler import NodeScheduler
 from dicom_node.scp import StorageSCP
@@ -27,6 +30,7 @@ class Node:
         self.recorder: InstanceRecorder | None = None
         self.scp: StorageSCP | None = None
         self.scheduler: NodeScheduler | None = None
+        self._lock_file: IO[str] | None = None
 
     @property
     def port(self) -> int:
@@ -38,6 +42,7 @@ class Node:
         storage = self.config.storage
         for folder in (storage.root, storage.spool, storage.incoming, storage.outbox, storage.quarantine):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_storage_root()
         self.db = AuditDB(self.config.audit.url)
         recovered = spool.reconcile_spool(self.db, storage)
         moved = series.finish_quarantine_moves(self.config, self.db)
@@ -58,6 +63,16 @@ class Node:
         self.scheduler.start()
         log.info("sct-node %s listening on %s:%d", self.config.node.ae_title, self.config.node.bind, self.port)
 
+    def _lock_storage_root(self) -> None:
+        """One node per storage root: a second one would delete the first one's files in transit."""
+        path = self.config.storage.root / ".sct-node.lock"
+        self._lock_file = open(path, "a+")  # noqa: SIM115 - held for the node's lifetime
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lock_file.close()
+            raise StorageInUseError(f"another sct-node is running on {self.config.storage.root}") from exc
+
     def stop(self) -> None:
         """Stop listening, let running tasks finish, write the last audit rows."""
         if self.scp is not None:
@@ -70,4 +85,6 @@ class Node:
             with self.db.session() as session:
                 add_event(session, "node_stopped", "clean shutdown")
             self.db.dispose()
+        if self._lock_file is not None:
+            self._lock_file.close()
         log.info("sct-node stopped")

@@ -176,3 +176,20 @@ def test_instances_duplicates_and_late_arrivals_are_recorded(db):
     with db.session() as session:
         kinds = session.scalars(select(EventRow.kind).where(EventRow.series_id == series_id)).all()
         assert "late_instances" in kinds
+
+
+def test_recorder_writes_the_good_rows_of_a_batch_with_a_bad_one(db):
+    from dicom_node.audit import InstanceRecorder, InstanceRow
+
+    recorder = InstanceRecorder(db, flush_interval_s=0.5)
+    base = dict(sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                series_instance_uid="1.2.3.9", study_instance_uid="1.2.3", patient_id="P1", patient_name="Doe^Jane",
+                modality="MR", series_description="T1", protocol_name="", calling_aet="SCANNER",
+                size_bytes=1, received_at=utcnow())
+    recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.1", path="/a", **base))
+    recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.2", path=None, **base))  # NOT NULL violated
+    recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.3", path="/c", **base))
+    assert recorder.flush(timeout_s=30)
+    recorder.close()
+    with db.session() as session:
+        assert sorted(session.scalars(select(InstanceRow.sop_instance_uid))) == ["1.2.3.9.1", "1.2.3.9.3"]

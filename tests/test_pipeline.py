@@ -198,3 +198,20 @@ def test_with_overrides_keeps_the_config_frozen():
     assert changed.series.quiet_period_s == 1.0 and config.series.quiet_period_s != 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         changed.series.quiet_period_s = 2.0  # type: ignore[misc]
+
+
+def test_a_second_node_on_the_same_storage_root_is_refused(tmp_path, pacs):
+    from dicom_node.errors import StorageInUseError
+
+    config = _config(tmp_path, pacs.port)
+    first = Node(config)
+    first.start()
+    try:
+        second = Node(with_overrides(config, node={"port": free_port()}))
+        with pytest.raises(StorageInUseError, match="another sct-node is running"):
+            second.start()
+    finally:
+        first.stop()
+    again = Node(config)  # the lock goes with the node
+    again.start()
+    again.stop()
