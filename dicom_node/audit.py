@@ -376,7 +376,10 @@ class InstanceRecorder:
                     stopping = True
                     break
                 batch.append(item)
-            self._write(batch)
+            try:
+                self._write(batch)
+            except Exception:  # the writer thread must outlive any single batch
+                log.exception("audit writer: unexpected error; %d rows left to the start-up spool scan", len(batch))
 
     def _write(self, batch: list[ReceivedInstance]) -> None:
         try:
@@ -384,8 +387,8 @@ class InstanceRecorder:
                 # One bad row must not cost the others theirs: write the batch row by row.
                 for instance in batch:
                     if not self._try_write([instance], attempts=2):
-                        log.error("instance row for a file in %s could not be written; it will be rebuilt from "
-                                  "the spool at the next start", Path(instance.path).parent.name)
+                        log.error("the audit row of instance %s could not be written; it will be rebuilt from "
+                                  "the spool at the next start", instance.sop_instance_uid)
         finally:
             with self._idle:
                 self._pending -= len(batch)
