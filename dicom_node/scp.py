@@ -80,6 +80,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.audit import AuditDB, InstanceRecorder, add_event, utcnow
 from dicom_node.config import Config
+from dicom_node.scu import set_tcp_nodelay
 from dicom_node.spool import (
     InstanceHeader,
     ensure_storage_dirs,
@@ -338,6 +339,7 @@ class StorageSCP:
             with self._tally_lock:
                 self._tallies[event.assoc] = _AssociationTally(calling_aet, _address(event))
             log.info("association from %s (%s) accepted", calling_aet, _address(event))
+            set_tcp_nodelay(event.assoc)  # responses are small writes: never wait for a delayed ACK
             accepted = {str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts}
             proposed = {str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts}
             refused = sorted(proposed - accepted)
