@@ -37,9 +37,12 @@ STAGES = ("quiet_period", "load", "sampling", "writing", "sending")
 
 def one_run(workdir: Path, series_dir: Path, quiet_period_s: float, method: str) -> dict[str, float]:
     with Orthanc(workdir / "orthanc") as pacs:
-        config = node_config(workdir, pacs_port=pacs.dicom_port,
-                             series={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.25},
-                             model={"method": method})
+        config = node_config(
+            workdir,
+            pacs_port=pacs.dicom_port,
+            series={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.25},
+            model={"method": method},
+        )
         node = NodeProcess(config).start()
         try:
             sent = storescu(node.port, series_dir)
@@ -97,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for index in range(args.runs):
             runs.append(one_run(root / f"run{index}", series_dir, args.quiet_period, args.method))
-            print(f"run {index + 1}: total {runs[-1]['total']:.2f} s, overhead {runs[-1]['overhead']:.2f} s", flush=True)
+            print(
+                f"run {index + 1}: total {runs[-1]['total']:.2f} s, overhead {runs[-1]['overhead']:.2f} s", flush=True
+            )
     print()
-    print(f"Latency, last MR instance received -> last sCT instance stored in Orthanc ({args.method}, "
-          f"{int(runs[0]['slices_in'])} MR slices -> {int(runs[0]['slices_out'])} sCT slices, median of {args.runs})")
+    print(
+        f"Latency, last MR instance received -> last sCT instance stored in Orthanc ({args.method}, "
+        f"{int(runs[0]['slices_in'])} MR slices -> {int(runs[0]['slices_out'])} sCT slices, median of {args.runs})"
+    )
     print(f"machine: {machine()}")
     print()
     print(f"{'stage':<28}{'seconds':>10}")
@@ -109,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stage:<28}{statistics.median(r[stage] for r in runs):>10.2f}")
     overhead = statistics.median(r["overhead"] for r in runs)
     print("-" * 38)
-    print(f"{'overhead (total - quiet - sampling)':<28}{overhead:>10.2f}   limit {OVERHEAD_LIMIT_S:.1f} s: "
-          f"{'OK' if overhead < OVERHEAD_LIMIT_S else 'OVER'}")
+    print(
+        f"{'overhead (total - quiet - sampling)':<28}{overhead:>10.2f}   limit {OVERHEAD_LIMIT_S:.1f} s: "
+        f"{'OK' if overhead < OVERHEAD_LIMIT_S else 'OVER'}"
+    )
     return 0 if overhead < OVERHEAD_LIMIT_S else 1
 
 

@@ -18,13 +18,19 @@ log = logging.getLogger("dicom_node")
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"configuration file (default: the embedded {DEFAULT_CONFIG_PATH.name})")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"configuration file (default: the embedded {DEFAULT_CONFIG_PATH.name})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sct-node", description="DICOM node for MR-only radiotherapy: "
-                                     "MR series in, synthetic CT out, every step audited.")
+    parser = argparse.ArgumentParser(
+        prog="sct-node",
+        description="DICOM node for MR-only radiotherapy: MR series in, synthetic CT out, every step audited.",
+    )
     parser.add_argument("--version", action="version", version=f"sct-node {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (may show identifiers)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_cmd = audit_commands.add_parser("jobs", help="list jobs (state, patient, series, times)")
     jobs_cmd.add_argument("--limit", type=int, default=50)
     _add_config(jobs_cmd)
-    series_cmd = audit_commands.add_parser("series", help="list series (state and reason: routed, not routed, quarantined)")
+    series_cmd = audit_commands.add_parser(
+        "series", help="list series (state and reason: routed, not routed, quarantined)"
+    )
     series_cmd.add_argument("--limit", type=int, default=50)
     _add_config(series_cmd)
     show = audit_commands.add_parser("show", help="a job's whole history")
@@ -124,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{config.source}: OK")
         print(f"  node {config.node.ae_title} on {config.node.bind}:{config.node.port}, storage {config.storage.root}")
         print(f"  audit {config.audit.url}")
-        print(f"  model {config.model.method} ({config.model.checkpoint if config.model.method == 'diffusion' else 'no checkpoint'})")
+        checkpoint = config.model.checkpoint if config.model.method == "diffusion" else "no checkpoint"
+        print(f"  model {config.model.method} ({checkpoint})")
         for destination in config.destinations:
             print(f"  destination {destination.name}: {destination.ae_title}@{destination.host}:{destination.port}")
         for route in config.routes:

@@ -285,7 +285,13 @@ def record_instances(session: Session, instances: Sequence[ReceivedInstance]) ->
             )
             session.add(series)
             session.flush()
-            add_event(session, "series_started", f"first instance from {first.calling_aet}", series_id=series.id, to_state=SeriesState.RECEIVING)
+            add_event(
+                session,
+                "series_started",
+                f"first instance from {first.calling_aet}",
+                series_id=series.id,
+                to_state=SeriesState.RECEIVING,
+            )
             known: set[str] = set()
         else:
             known = set(session.scalars(select(InstanceRow.sop_instance_uid).where(InstanceRow.series_id == series.id)))
@@ -321,7 +327,12 @@ def record_instances(session: Session, instances: Sequence[ReceivedInstance]) ->
                 series_id=series.id,
             )
         if any(i.recovered for i in group):
-            add_event(session, "recovered", f"{len(group)} spooled instance(s) had no audit row; rebuilt at start-up", series_id=series.id)
+            add_event(
+                session,
+                "recovered",
+                f"{len(group)} spooled instance(s) had no audit row; rebuilt at start-up",
+                series_id=series.id,
+            )
 
 
 class InstanceRecorder:
@@ -387,8 +398,11 @@ class InstanceRecorder:
                 # One bad row must not cost the others theirs: write the batch row by row.
                 for instance in batch:
                     if not self._try_write([instance], attempts=2):
-                        log.error("the audit row of instance %s could not be written; it will be rebuilt from "
-                                  "the spool at the next start", instance.sop_instance_uid)
+                        log.error(
+                            "the audit row of instance %s could not be written; it will be rebuilt from "
+                            "the spool at the next start",
+                            instance.sop_instance_uid,
+                        )
         finally:
             with self._idle:
                 self._pending -= len(batch)

@@ -16,9 +16,10 @@ from dicom_node.config import Config
 
 def open_existing(config: Config) -> AuditDB | None:
     url = config.audit.url
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        print(f"sct-node audit: no audit database at {url} (has the node run with this configuration?)",
-              file=sys.stderr)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+        print(
+            f"sct-node audit: no audit database at {url} (has the node run with this configuration?)", file=sys.stderr
+        )
         return None
     return AuditDB(url)
 
@@ -38,14 +39,28 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def job_rows(db: AuditDB, limit: int) -> list[tuple[object, ...]]:
     with db.session() as session:
         jobs = session.execute(
-            select(JobRow, SeriesRow).join(SeriesRow, JobRow.series_id == SeriesRow.id).order_by(JobRow.id.desc()).limit(limit)
+            select(JobRow, SeriesRow)
+            .join(SeriesRow, JobRow.series_id == SeriesRow.id)
+            .order_by(JobRow.id.desc())
+            .limit(limit)
         ).all()
         rows = []
         for job, series in jobs:
             total = sum(v for k, v in job.timings_s.items() if "." not in k)
-            rows.append((job.id, job.state, series.patient_id, series.series_description[:32], series.instance_count,
-                         job.sct_instance_count or "-", job.method, _when(job.created_at), _when(job.finished_at),
-                         f"{total:.1f}"))
+            rows.append(
+                (
+                    job.id,
+                    job.state,
+                    series.patient_id,
+                    series.series_description[:32],
+                    series.instance_count,
+                    job.sct_instance_count or "-",
+                    job.method,
+                    _when(job.created_at),
+                    _when(job.finished_at),
+                    f"{total:.1f}",
+                )
+            )
         return rows
 
 
@@ -57,8 +72,12 @@ def print_jobs(config: Config, *, limit: int = 50) -> int:
     if not rows:
         print("no jobs yet")
         return 0
-    print(_table(("job", "state", "patient", "series", "MR", "sCT", "method", "created (UTC)", "finished (UTC)",
-                  "seconds"), rows))
+    print(
+        _table(
+            ("job", "state", "patient", "series", "MR", "sCT", "method", "created (UTC)", "finished (UTC)", "seconds"),
+            rows,
+        )
+    )
     return 0
 
 
@@ -68,13 +87,27 @@ def print_series(config: Config, *, limit: int = 50) -> int:
         return 1
     with db.session() as session:
         series_list = session.scalars(select(SeriesRow).order_by(SeriesRow.id.desc()).limit(limit)).all()
-        rows = [(s.id, s.state, s.patient_id, s.series_description[:32], s.calling_aet, s.instance_count,
-                 _when(s.last_received_at), s.reason[:80]) for s in series_list]
+        rows = [
+            (
+                s.id,
+                s.state,
+                s.patient_id,
+                s.series_description[:32],
+                s.calling_aet,
+                s.instance_count,
+                _when(s.last_received_at),
+                s.reason[:80],
+            )
+            for s in series_list
+        ]
     if not rows:
         print("no series yet")
         return 0
-    print(_table(("series", "state", "patient", "description", "from", "instances", "last received (UTC)", "reason"),
-                 rows))
+    print(
+        _table(
+            ("series", "state", "patient", "description", "from", "instances", "last received (UTC)", "reason"), rows
+        )
+    )
     return 0
 
 
@@ -86,8 +119,9 @@ def describe_job(db: AuditDB, job_id: int) -> str | None:
             return None
         series = job.series
         counts = session.execute(
-            select(func.count(), func.sum(case((InstanceRow.duplicate, 1), else_=0)))
-            .where(InstanceRow.series_id == series.id)
+            select(func.count(), func.sum(case((InstanceRow.duplicate, 1), else_=0))).where(
+                InstanceRow.series_id == series.id
+            )
         ).one()
         lines = [
             f"job {job.id}: {job.state}" + (f" ({job.error})" if job.error else ""),
@@ -103,16 +137,20 @@ def describe_job(db: AuditDB, job_id: int) -> str | None:
             f"  sCT series      {job.sct_series_uid}, {job.sct_instance_count} instances in {job.output_dir or '-'}",
         ]
         if job.uncertainty_path:
-            lines.append(f"  uncertainty     mean {job.uncertainty_mean_hu:.1f} HU, p95 {job.uncertainty_p95_hu:.1f} HU "
-                         f"(std in the body) in {job.uncertainty_path}")
+            lines.append(
+                f"  uncertainty     mean {job.uncertainty_mean_hu:.1f} HU, p95 {job.uncertainty_p95_hu:.1f} HU "
+                f"(std in the body) in {job.uncertainty_path}"
+            )
         lines.append("  timings (s)     " + ", ".join(f"{k} {v:.2f}" for k, v in job.timings_s.items()))
         sends = session.scalars(select(SendRow).where(SendRow.job_id == job_id).order_by(SendRow.id)).all()
         if sends:
             lines.append("  sends")
             for send in sends:
-                lines.append(f"    {_when(send.started_at)} attempt {send.attempt} {send.destination}: "
-                             f"{'OK' if send.ok else 'FAILED'} {send.instances_sent} sent, "
-                             f"{send.instances_failed} failed. {send.message}")
+                lines.append(
+                    f"    {_when(send.started_at)} attempt {send.attempt} {send.destination}: "
+                    f"{'OK' if send.ok else 'FAILED'} {send.instances_sent} sent, "
+                    f"{send.instances_failed} failed. {send.message}"
+                )
         events = session.scalars(
             select(EventRow)
             .where(or_(EventRow.job_id == job_id, (EventRow.series_id == series.id) & EventRow.job_id.is_(None)))
@@ -121,7 +159,9 @@ def describe_job(db: AuditDB, job_id: int) -> str | None:
         lines.append("  history (UTC)")
         for event in events:
             change = f"{event.from_state or '·'} -> {event.to_state}" if event.to_state else ""
-            lines.append(f"    {event.at.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}  {event.kind:<15} {change:<24} {event.message}")
+            lines.append(
+                f"    {event.at.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}  {event.kind:<15} {change:<24} {event.message}"
+            )
         return "\n".join(lines)
 
 

@@ -172,7 +172,9 @@ class _Table:
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise ConfigError(f"unknown key {self.key(unknown[0])}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+            raise ConfigError(
+                f"unknown key {self.key(unknown[0])}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
@@ -236,16 +238,20 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
             t.get(
                 "allowed_calling_aets",
                 list,
-                lambda v: None
-                if all(isinstance(a, str) and not _ae_title(a) for a in v)
-                else "must be a list of AE titles",
+                lambda v: (
+                    None if all(isinstance(a, str) and not _ae_title(a) for a in v) else "must be a list of AE titles"
+                ),
             )
         ),
         require_called_aet=t.get("require_called_aet", bool),
         uid_root=t.get(
             "uid_root",
             str,
-            lambda v: None if _UID_ROOT.match(v) and len(v) <= 40 else "must be digits and dots ending in '.', at most 40 characters",
+            lambda v: (
+                None
+                if _UID_ROOT.match(v) and len(v) <= 40
+                else "must be digits and dots ending in '.', at most 40 characters"
+            ),
         ),
         max_associations=t.get("max_associations", int, _positive),
     )
@@ -260,7 +266,9 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     t.finish()
 
     t = table("audit")
-    audit = AuditConfig(url=_resolve_db_url(base, t.get("url", str, lambda v: None if "://" in v else "must be an SQLAlchemy URL")))
+    audit = AuditConfig(
+        url=_resolve_db_url(base, t.get("url", str, lambda v: None if "://" in v else "must be an SQLAlchemy URL"))
+    )
     t.finish()
 
     t = table("series")
@@ -308,7 +316,9 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     for i, raw in enumerate(raw_routes):
         t = _Table(raw, f"route[{i}]")
         exclude = t.get("exclude_pattern", str)
-        route_destinations = tuple(t.get("destinations", list, lambda v: None if v else "must name at least one destination"))
+        route_destinations = tuple(
+            t.get("destinations", list, lambda v: None if v else "must name at least one destination")
+        )
         for name in route_destinations:
             if name not in names:
                 raise ConfigError(f"{t.key('destinations')}: unknown destination {name!r} (known: {', '.join(names)})")
@@ -325,9 +335,15 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
 
     t = table("model")
     model = ModelConfig(
-        method=t.get("method", str, lambda v: None if v in MODEL_METHODS else f"must be one of {', '.join(MODEL_METHODS)}"),
+        method=t.get(
+            "method", str, lambda v: None if v in MODEL_METHODS else f"must be one of {', '.join(MODEL_METHODS)}"
+        ),
         checkpoint=_resolve(base, t.get("checkpoint", str)),
-        device=t.get("device", str, lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N"),
+        device=t.get(
+            "device",
+            str,
+            lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "must be auto, cpu, cuda or cuda:N",
+        ),
         steps=t.get("steps", int, _positive),
         samples=t.get("samples", int, _positive),
         seed=t.get("seed", int, _non_negative),

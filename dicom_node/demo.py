@@ -66,20 +66,27 @@ def run_demo(config: Config, *, input_dir: Path | None, output_dir: Path, timeou
         return 1
 
     use_orthanc = orthanc_binary() is not None
-    pacs: Orthanc | FileStoreSCP = (Orthanc(output_dir / "orthanc") if use_orthanc
-                                    else FileStoreSCP(output_dir / "pacs-received"))
+    pacs: Orthanc | FileStoreSCP = (
+        Orthanc(output_dir / "orthanc") if use_orthanc else FileStoreSCP(output_dir / "pacs-received")
+    )
     pacs_port = pacs.dicom_port if isinstance(pacs, Orthanc) else pacs.port
     node_config = demo_config(config, output_dir, pacs.ae_title, pacs_port)
     node = Node(node_config)
     try:
         pacs.start()
         node.start()
-        print(f"receiving PACS: {'Orthanc ' + pacs.url if isinstance(pacs, Orthanc) else 'storage SCP'} "
-              f"(DICOM port {pacs_port}); node {node_config.node.ae_title} on port {node.port}; "
-              f"sCT method: {node_config.model.method}")
+        print(
+            f"receiving PACS: {'Orthanc ' + pacs.url if isinstance(pacs, Orthanc) else 'storage SCP'} "
+            f"(DICOM port {pacs_port}); node {node_config.node.ae_title} on port {node.port}; "
+            f"sCT method: {node_config.model.method}"
+        )
         started = time.perf_counter()
-        sent = scu.send_series(mr_files, Destination("node", node_config.node.ae_title, "127.0.0.1", node.port),
-                               calling_aet=DEMO_SCANNER_AET, timeout_s=60)
+        sent = scu.send_series(
+            mr_files,
+            Destination("node", node_config.node.ae_title, "127.0.0.1", node.port),
+            calling_aet=DEMO_SCANNER_AET,
+            timeout_s=60,
+        )
         send_s = time.perf_counter() - started
         print(f"C-STORE of the MR to the node: {sent.message} in {send_s:.1f} s")
         if not sent.ok:
@@ -92,8 +99,11 @@ def run_demo(config: Config, *, input_dir: Path | None, output_dir: Path, timeou
         print()
         print(describe_job(node.db, job.id))
         print()
-        where = (f"Orthanc {pacs.url}/app/explorer.html (series {job.sct_series_uid})" if isinstance(pacs, Orthanc)
-                 else str(pacs.folder))
+        where = (
+            f"Orthanc {pacs.url}/app/explorer.html (series {job.sct_series_uid})"
+            if isinstance(pacs, Orthanc)
+            else str(pacs.folder)
+        )
         print(f"sCT: {len(sct_files)} CT slices received by the PACS: {where}")
         print(f"     node outbox copy: {job.output_dir}")
         montage = output_dir / "montage.png"
@@ -144,7 +154,11 @@ def _wait_for_pacs(pacs: Orthanc | FileStoreSCP, series_uid: str, count: int, ti
             files = pacs.series_files(found["ID"]) if found and len(found["Instances"]) >= count else []
         else:
             files = [p.read_bytes() for p in sorted(pacs.folder.glob("*.dcm"))]
-            files = [f for f in files if pydicom.dcmread(io.BytesIO(f), stop_before_pixels=True).SeriesInstanceUID == series_uid]
+            files = [
+                f
+                for f in files
+                if pydicom.dcmread(io.BytesIO(f), stop_before_pixels=True).SeriesInstanceUID == series_uid
+            ]
         if len(files) >= count:
             return files
         time.sleep(0.3)
@@ -154,11 +168,17 @@ def _wait_for_pacs(pacs: Orthanc | FileStoreSCP, series_uid: str, count: int, ti
 def _ct_volume(files: list[bytes]) -> Volume:
     datasets = sorted((pydicom.dcmread(io.BytesIO(f)) for f in files), key=lambda d: float(d.ImagePositionPatient[2]))
     first = datasets[0]
-    spacing_z = (float(datasets[-1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])) / max(1, len(datasets) - 1)
-    grid = Grid(size=(int(first.Columns), int(first.Rows), len(datasets)),
-                spacing_mm=(float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), spacing_z or 1.0),
-                origin_mm=tuple(float(v) for v in first.ImagePositionPatient))  # type: ignore[arg-type]
-    array = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]).astype(np.float32)
+    spacing_z = (float(datasets[-1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])) / max(
+        1, len(datasets) - 1
+    )
+    grid = Grid(
+        size=(int(first.Columns), int(first.Rows), len(datasets)),
+        spacing_mm=(float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), spacing_z or 1.0),
+        origin_mm=tuple(float(v) for v in first.ImagePositionPatient),
+    )  # type: ignore[arg-type]
+    array = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]).astype(
+        np.float32
+    )
     return Volume(array, grid)
 
 
@@ -173,9 +193,11 @@ def write_montage(mr_files: list[Path], sct_files: list[bytes], path: Path, tile
     sct = _ct_volume(sct_files)
     spacing = min(sct.grid.spacing_mm)
     extent = np.asarray(sct.grid.size) * np.asarray(sct.grid.spacing_mm)
-    display = Grid(size=tuple(int(n) for n in np.maximum(1, np.round(extent / spacing))),  # type: ignore[arg-type]
-                   spacing_mm=(spacing, spacing, spacing),
-                   origin_mm=tuple(np.asarray(sct.grid.origin_mm) - np.asarray(sct.grid.spacing_mm) / 2 + spacing / 2))  # type: ignore[arg-type]
+    display = Grid(
+        size=tuple(int(n) for n in np.maximum(1, np.round(extent / spacing))),  # type: ignore[arg-type]
+        spacing_mm=(spacing, spacing, spacing),
+        origin_mm=tuple(np.asarray(sct.grid.origin_mm) - np.asarray(sct.grid.spacing_mm) / 2 + spacing / 2),
+    )  # type: ignore[arg-type]
     mr_display = resample(mr, display, default_value=0.0).array
     ct_display = resample(sct, display, default_value=-1024.0).array
     body = mr_display[mr_display > 0]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from sqlalchemy import select
@@ -47,8 +47,16 @@ def transition(session: Session, job: JobRow, to_state: str, message: str, **det
         job.finished_at = job.updated_at
     elif job.finished_at is not None:
         job.finished_at = None
-    add_event(session, "job_state", message, job_id=job.id, series_id=job.series_id, from_state=from_state,
-              to_state=to_state, detail=dict(detail))
+    add_event(
+        session,
+        "job_state",
+        message,
+        job_id=job.id,
+        series_id=job.series_id,
+        from_state=from_state,
+        to_state=to_state,
+        detail=dict(detail),
+    )
 
 
 def create_job(
@@ -74,13 +82,21 @@ def create_job(
         steps=model.steps,
         samples=model.samples,
         seed=model.seed,
-        sct_series_uid=generate_uid(prefix=uid_root or PYDICOM_ROOT_UID, entropy_srcs=["sct-series", series.series_instance_uid]),
+        sct_series_uid=generate_uid(
+            prefix=uid_root or PYDICOM_ROOT_UID, entropy_srcs=["sct-series", series.series_instance_uid]
+        ),
         timings_s={},
     )
     session.add(job)
     session.flush()
-    add_event(session, "job_state", f"job created by route {route_name} for {', '.join(destinations)}",
-              job_id=job.id, series_id=series.id, to_state=JobState.QUEUED)
+    add_event(
+        session,
+        "job_state",
+        f"job created by route {route_name} for {', '.join(destinations)}",
+        job_id=job.id,
+        series_id=series.id,
+        to_state=JobState.QUEUED,
+    )
     return job
 
 
@@ -88,7 +104,11 @@ def claim_next_queued(session: Session) -> JobRow | None:
     """The oldest QUEUED job, now RUNNING (or None). Safe with several worker threads."""
     with _claim_lock:
         job = session.scalars(
-            select(JobRow).where(JobRow.state == JobState.QUEUED).order_by(JobRow.id).limit(1).with_for_update(skip_locked=True)
+            select(JobRow)
+            .where(JobRow.state == JobState.QUEUED)
+            .order_by(JobRow.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
         ).first()
         if job is None:
             return None

@@ -48,13 +48,26 @@ class Node:
         moved = series.finish_quarantine_moves(self.config, self.db)
         with self.db.session() as session:
             counts = jobs.recover_after_restart(session)
-            add_event(session, "node_started",
-                      f"{self.config.node.ae_title} on {self.config.node.bind}:{self.config.node.port}",
-                      detail={"recovered_instances": recovered, "quarantine_moves": moved, **counts,
-                              "config": str(self.config.source)})
+            add_event(
+                session,
+                "node_started",
+                f"{self.config.node.ae_title} on {self.config.node.bind}:{self.config.node.port}",
+                detail={
+                    "recovered_instances": recovered,
+                    "quarantine_moves": moved,
+                    **counts,
+                    "config": str(self.config.source),
+                },
+            )
         if recovered or moved or any(counts.values()):
-            log.info("recovery: %d instance rows rebuilt, %d quarantine moves finished, %d jobs requeued, "
-                     "%d jobs resume sending", recovered, moved, counts["requeued"], counts["resumed_sending"])
+            log.info(
+                "recovery: %d instance rows rebuilt, %d quarantine moves finished, %d jobs requeued, "
+                "%d jobs resume sending",
+                recovered,
+                moved,
+                counts["requeued"],
+                counts["resumed_sending"],
+            )
         self.recorder = InstanceRecorder(self.db)
         self.scp = StorageSCP(self.config, self.db, self.recorder)
         self.scp.start()

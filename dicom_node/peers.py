@@ -35,8 +35,9 @@ def orthanc_binary() -> str | None:
 class Orthanc:
     """An Orthanc server in ``workdir`` on free ports; ``with Orthanc(dir) as pacs: ...``."""
 
-    def __init__(self, workdir: Path, *, ae_title: str = "PLANNING", dicom_port: int | None = None,
-                 http_port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, ae_title: str = "PLANNING", dicom_port: int | None = None, http_port: int | None = None
+    ) -> None:
         binary = orthanc_binary()
         if binary is None:
             raise RuntimeError(f"Orthanc is not installed: {ORTHANC_INSTALL_HINT}")
@@ -74,8 +75,13 @@ class Orthanc:
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         env = {**os.environ, "TCP_NODELAY": "1"}
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen([self.binary, str(config_path)], stdout=log_file, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
+            self.process = subprocess.Popen(
+                [self.binary, str(config_path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -116,8 +122,9 @@ class Orthanc:
         return list(self.get("/series?expand"))
 
     def find_series(self, series_instance_uid: str) -> dict[str, Any] | None:
-        return next((s for s in self.series() if s["MainDicomTags"].get("SeriesInstanceUID") == series_instance_uid),
-                    None)
+        return next(
+            (s for s in self.series() if s["MainDicomTags"].get("SeriesInstanceUID") == series_instance_uid), None
+        )
 
     def series_files(self, orthanc_series_id: str) -> list[bytes]:
         instances = self.get(f"/series/{orthanc_series_id}/instances")
@@ -143,8 +150,9 @@ class FileStoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
         return self
 
     def stop(self) -> None:

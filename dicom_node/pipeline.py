@@ -138,12 +138,19 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         if uncertainty is not None:
             job.uncertainty_path, job.uncertainty_mean_hu, job.uncertainty_p95_hu = uncertainty
         jobs.transition(
-            session, job, JobState.SENDING,
+            session,
+            job,
+            JobState.SENDING,
             f"sCT written: {len(datasets)} axial slices by {info.model_name} ({info.method}, {info.device})",
             timings_s=job.timings_s,
         )
-    log.info("job %d: %d sCT slices written in %.1f s (sampling %.1f s)", job_id, len(datasets),
-             sum(timings.values()), timings["sampling"])
+    log.info(
+        "job %d: %d sCT slices written in %.1f s (sampling %.1f s)",
+        job_id,
+        len(datasets),
+        sum(timings.values()),
+        timings["sampling"],
+    )
 
 
 def _write_uncertainty(result: SCTResult, path: Path) -> tuple[str, float, float] | None:
@@ -189,7 +196,9 @@ def send_job(ctx: PipelineContext, job_id: int) -> None:
         job = session.get(JobRow, job_id)
         if job is None or job.state != JobState.SENDING:
             return
-        delivered = set(session.scalars(select(SendRow.destination).where(SendRow.job_id == job_id, SendRow.ok.is_(True))))
+        delivered = set(
+            session.scalars(select(SendRow.destination).where(SendRow.job_id == job_id, SendRow.ok.is_(True)))
+        )
         pending = [name for name in job.destinations if name not in delivered]
         outbox, attempt = Path(job.output_dir), job.send_attempts + 1
         expected = job.sct_instance_count
@@ -216,7 +225,9 @@ def _send_to(ctx: PipelineContext, name: str, files: list[Path], expected: int, 
         destination = ctx.config.destination(name)
     except KeyError:
         return scu.SendResult(name, False, 0, expected, f"destination {name!r} is no longer configured", ())
-    return scu.send_series(files, destination, calling_aet=ctx.config.node.ae_title, timeout_s=ctx.config.sender.timeout_s)
+    return scu.send_series(
+        files, destination, calling_aet=ctx.config.node.ae_title, timeout_s=ctx.config.sender.timeout_s
+    )
 
 
 def _record_send(ctx: PipelineContext, job_id: int, attempt: int, attempts: list[SendAttempt]) -> None:
@@ -226,12 +237,31 @@ def _record_send(ctx: PipelineContext, job_id: int, attempt: int, attempts: list
         job.send_attempts = attempt
         for item in attempts:
             result = item.result
-            session.add(SendRow(job_id=job_id, destination=result.destination, attempt=attempt,
-                                started_at=item.started_at, finished_at=utcnow(), ok=result.ok,
-                                instances_sent=result.sent, instances_failed=result.failed, message=result.message))
-            add_event(session, "send", result.message, job_id=job_id,
-                      detail={"destination": result.destination, "attempt": attempt, "ok": result.ok,
-                              "seconds": round(item.seconds, 3)})
+            session.add(
+                SendRow(
+                    job_id=job_id,
+                    destination=result.destination,
+                    attempt=attempt,
+                    started_at=item.started_at,
+                    finished_at=utcnow(),
+                    ok=result.ok,
+                    instances_sent=result.sent,
+                    instances_failed=result.failed,
+                    message=result.message,
+                )
+            )
+            add_event(
+                session,
+                "send",
+                result.message,
+                job_id=job_id,
+                detail={
+                    "destination": result.destination,
+                    "attempt": attempt,
+                    "ok": result.ok,
+                    "seconds": round(item.seconds, 3),
+                },
+            )
         sending_s = job.timings_s.get("sending", 0.0) + sum(item.seconds for item in attempts)
         job.timings_s = {**job.timings_s, "sending": round(sending_s, 3)}
         failed = [item.result for item in attempts if not item.result.ok]
@@ -245,6 +275,11 @@ def _record_send(ctx: PipelineContext, job_id: int, attempt: int, attempts: list
         else:
             delay = ctx.config.sender.retry_delay_s(attempt)
             job.next_send_at = utcnow() + dt.timedelta(seconds=delay)
-            add_event(session, "send_retry", f"attempt {attempt} failed; next attempt in {delay:.0f} s",
-                      job_id=job_id, detail={"delay_s": delay})
+            add_event(
+                session,
+                "send_retry",
+                f"attempt {attempt} failed; next attempt in {delay:.0f} s",
+                job_id=job_id,
+                detail={"delay_s": delay},
+            )
             log.warning("job %d: send attempt %d failed, retry in %.0f s", job_id, attempt, delay)

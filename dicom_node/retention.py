@@ -41,7 +41,9 @@ def clean(config: Config, db: AuditDB, now: dt.datetime | None = None) -> int:
             series_jobs = list(series.jobs)
             if series.state == SeriesState.ROUTED and not series_jobs:
                 continue
-            if any(job.state != JobState.DONE or job.finished_at is None or job.finished_at > cutoff for job in series_jobs):
+            if any(
+                job.state != JobState.DONE or job.finished_at is None or job.finished_at > cutoff for job in series_jobs
+            ):
                 continue  # not delivered yet, or delivered too recently
             removed = [config.storage.spool / series.series_instance_uid]
             for job in series_jobs:
@@ -53,8 +55,13 @@ def clean(config: Config, db: AuditDB, now: dt.datetime | None = None) -> int:
             for path in removed:
                 _remove(path)
             series.cleaned_at = utcnow()
-            add_event(session, "retention", f"files deleted after {config.jobs.retention_days:g} days of retention",
-                      series_id=series.id, detail={"paths": [str(p) for p in removed]})
+            add_event(
+                session,
+                "retention",
+                f"files deleted after {config.jobs.retention_days:g} days of retention",
+                series_id=series.id,
+                detail={"paths": [str(p) for p in removed]},
+            )
             cleaned += 1
     if cleaned:
         log.info("retention: cleaned %d series", cleaned)

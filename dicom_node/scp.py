@@ -192,9 +192,7 @@ class StorageSCP:
             raise RuntimeError("the DICOM listener is already running")
         ensure_storage_dirs(self._config.storage)
         node = self._config.node
-        self._server = self._ae.start_server(
-            (node.bind, node.port), block=False, evt_handlers=self._handlers()
-        )
+        self._server = self._ae.start_server((node.bind, node.port), block=False, evt_handlers=self._handlers())
         log.info(
             "DICOM listener %s on %s:%d: MR and Enhanced MR Image Storage, Verification; %s",
             node.ae_title,
@@ -243,9 +241,7 @@ class StorageSCP:
             return refusal.response()
         except Exception as exc:  # a bug: the sender gets a failure and resends, the node stays up
             log.exception("unexpected error while storing an instance from %s", calling_aet)
-            internal = StoreRefusedError(
-                Status.INTERNAL_ERROR, "internal error in the node", error=repr(exc)[:500]
-            )
+            internal = StoreRefusedError(Status.INTERNAL_ERROR, "internal error in the node", error=repr(exc)[:500])
             self._refuse(event, calling_aet, internal)
             return internal.response()
         self._tally(event, stored=1)
@@ -311,9 +307,7 @@ class StorageSCP:
         try:
             request = cast(C_STORE, event.request)
             self._tally(event, refused_status=int(refusal.status))
-            log.warning(
-                "C-STORE from %s refused with 0x%04X: %s", calling_aet, int(refusal.status), refusal.reason
-            )
+            log.warning("C-STORE from %s refused with 0x%04X: %s", calling_aet, int(refusal.status), refusal.reason)
             detail = {
                 "status": f"0x{int(refusal.status):04X}",
                 "calling_aet": calling_aet,

@@ -62,9 +62,7 @@ def _sop_uids(path: Path) -> tuple[str, str, str]:
     return str(meta.SOPClassUID), str(meta.SOPInstanceUID), str(meta.file_meta.TransferSyntaxUID)
 
 
-def send_series(
-    paths: Sequence[Path], destination: Destination, *, calling_aet: str, timeout_s: float
-) -> SendResult:
+def send_series(paths: Sequence[Path], destination: Destination, *, calling_aet: str, timeout_s: float) -> SendResult:
     """Send every file in ``paths`` to ``destination`` over one association."""
     if not paths:
         return SendResult(destination.name, False, 0, 0, "nothing to send", ())

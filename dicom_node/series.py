@@ -125,8 +125,15 @@ def _route(session: Session, config: Config, series: SeriesRow) -> int | None:
 
 def _set_series_state(session: Session, series: SeriesRow, state: str, reason: str) -> None:
     from_state, series.state, series.reason = series.state, state, reason
-    add_event(session, "series_state", reason, series_id=series.id, from_state=from_state, to_state=state,
-              detail={"instances": series.instance_count})
+    add_event(
+        session,
+        "series_state",
+        reason,
+        series_id=series.id,
+        from_state=from_state,
+        to_state=state,
+        detail={"instances": series.instance_count},
+    )
 
 
 def _quarantine_rows(session: Session, config: Config, series: SeriesRow, reason: str) -> tuple[Path, Path]:

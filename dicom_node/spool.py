@@ -193,9 +193,7 @@ def part10_header(
         _meta_element(0x0012, b"UI", _checked_uid(implementation_class_uid, "Implementation UID").encode()),
     ]
     if implementation_version_name:
-        elements.append(
-            _meta_element(0x0013, b"SH", implementation_version_name[:16].encode("ascii", "replace"))
-        )
+        elements.append(_meta_element(0x0013, b"SH", implementation_version_name[:16].encode("ascii", "replace")))
     if _AE_TITLE_CHARS.fullmatch(source_aet) and source_aet.strip():
         elements.append(_meta_element(0x0016, b"AE", source_aet.strip().encode("ascii")))
     body = b"".join(elements)
@@ -275,9 +273,7 @@ _WIDTHS: dict[str, int | None] = {
 }
 
 
-def read_instance_header(
-    source: Path | str | Buffer, transfer_syntax_uid: str | None = None
-) -> InstanceHeader:
+def read_instance_header(source: Path | str | Buffer, transfer_syntax_uid: str | None = None) -> InstanceHeader:
     """Parse the header fields of one instance, stopping after (0020,000E): pixels are never read.
 
     ``source`` is a DICOM Part 10 file (path or bytes, with preamble and file meta), or, when
@@ -340,9 +336,7 @@ def _read_file_meta(data: memoryview) -> tuple[str, int]:
     """(transfer syntax UID, offset of the dataset) of a Part 10 stream."""
     if bytes(data[128:132]) != b"DICM":
         raise HeaderError("not a DICOM Part 10 file (no DICM prefix)")
-    meta, offset = _scan(
-        data, 132, implicit=False, wanted=_META_TAGS, last_tag=0x0002FFFF, stop_at_any_later_tag=True
-    )
+    meta, offset = _scan(data, 132, implicit=False, wanted=_META_TAGS, last_tag=0x0002FFFF, stop_at_any_later_tag=True)
     transfer_syntax_uid = _uid(meta.get(0x00020010, b""))
     if not transfer_syntax_uid:
         raise HeaderError("the file meta has no Transfer Syntax UID")
@@ -355,9 +349,7 @@ def source_application_entity_title(path: Path) -> str:
         data = memoryview(fp.read(_FIRST_READ_BYTES))
     if bytes(data[128:132]) != b"DICM":
         return ""
-    meta, _ = _scan(
-        data, 132, implicit=False, wanted=_META_TAGS, last_tag=0x0002FFFF, stop_at_any_later_tag=True
-    )
+    meta, _ = _scan(data, 132, implicit=False, wanted=_META_TAGS, last_tag=0x0002FFFF, stop_at_any_later_tag=True)
     return bytes(meta.get(0x00020016, b"")).decode("ascii", "replace").strip(" \x00")
 
 
@@ -456,11 +448,7 @@ def _skip_sequence(data: memoryview, pos: int, implicit: bool, depth: int) -> in
             return value_pos
         if tag != _ITEM:
             raise HeaderError("a sequence holds something other than items")
-        pos = (
-            _skip_item(data, value_pos, implicit, depth)
-            if length == _UNDEFINED_LENGTH
-            else value_pos + length
-        )
+        pos = _skip_item(data, value_pos, implicit, depth) if length == _UNDEFINED_LENGTH else value_pos + length
         if pos > len(data):
             raise HeaderError("a sequence item runs past the end of the data")
 
@@ -498,9 +486,7 @@ def _header_from(values: dict[int, memoryview], transfer_syntax_uid: str) -> Ins
             return ""
         try:
             decoded = (
-                str(PersonName(bytes(raw), encodings))
-                if person_name
-                else decode_bytes(bytes(raw), encodings, set())
+                str(PersonName(bytes(raw), encodings)) if person_name else decode_bytes(bytes(raw), encodings, set())
             )
         except Exception:  # a damaged value must not refuse the instance: the audit gets the bytes as Latin-1
             decoded = bytes(raw).decode("latin-1")
@@ -590,11 +576,7 @@ def _spooled_files(spool: Path) -> dict[str, dict[str, Path]]:
             with os.scandir(series_dir.path) as entries:
                 for entry in entries:
                     instance_uid = entry.name.removesuffix(INSTANCE_SUFFIX)
-                    if (
-                        entry.name.endswith(INSTANCE_SUFFIX)
-                        and is_valid_uid(instance_uid)
-                        and entry.is_file()
-                    ):
+                    if entry.name.endswith(INSTANCE_SUFFIX) and is_valid_uid(instance_uid) and entry.is_file():
                         files[instance_uid] = Path(entry.path)
                     else:
                         log.warning("ignoring unexpected entry in the spool: %s", entry.path)

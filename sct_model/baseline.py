@@ -52,9 +52,7 @@ class BulkDensityBaseline:
             device="cpu",
         )
 
-    def predict(
-        self, mr: Volume, *, steps: int, samples: int, seed: int, output_grid: Grid | None = None
-    ) -> SCTResult:
+    def predict(self, mr: Volume, *, steps: int, samples: int, seed: int, output_grid: Grid | None = None) -> SCTResult:
         """The bulk-density sCT on ``output_grid`` (None: the axial grid covering the MR).
 
         ``steps``, ``samples`` and ``seed`` do not change the result; they are checked and recorded
@@ -100,8 +98,6 @@ class BulkDensityBaseline:
         body_image.CopyInformation(body.grid.reference_image())
         # distance (mm) from the outline, positive inside the body
         depth = sitk.GetArrayFromImage(
-            sitk.SignedMaurerDistanceMap(
-                body_image, insideIsPositive=True, squaredDistance=False, useImageSpacing=True
-            )
+            sitk.SignedMaurerDistanceMap(body_image, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
         )
         return inside & (depth >= self.bone_margin_mm) & (scale < self.bone_threshold)

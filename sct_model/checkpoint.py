@@ -129,9 +129,7 @@ class Checkpoint:
             "unet": self.unet_state,
         }[network]
 
-    def build_networks(
-        self, *, device: torch.device | str = "cpu", use_flash_attention: bool = False
-    ) -> SCTNetworks:
+    def build_networks(self, *, device: torch.device | str = "cpu", use_flash_attention: bool = False) -> SCTNetworks:
         """The networks with their weights, in eval mode on ``device``."""
         networks = self.model.build(use_flash_attention=use_flash_attention)
         self._load_states(networks)
@@ -248,9 +246,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"corrupt): {exc}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - whatever the reader trips over in a damaged file
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (corrupt or truncated file): {exc}"
-        ) from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated file): {exc}") from exc
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an sct-node checkpoint (no {FORMAT!r} format marker)")
     version = payload.get("format_version")
@@ -277,9 +273,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             mr_encoder_state=states["mr_encoder"],
             unet_state=states["unet"],
             scale_factor=float(_require(metadata, "scale_factor", (int, float), "metadata/")),
-            preprocessing=PreprocessingConfig.from_dict(
-                _require(metadata, "preprocessing", Mapping, "metadata/")
-            ),
+            preprocessing=PreprocessingConfig.from_dict(_require(metadata, "preprocessing", Mapping, "metadata/")),
             latent_patch_shape=tuple(_require(metadata, "latent_patch_shape", (list, tuple), "metadata/")),
             model_name=_require(metadata, "model_name", str, "metadata/"),
             model_version=_require(metadata, "model_version", str, "metadata/"),

@@ -42,9 +42,7 @@ def _config_from_dict(cls: type[_Config], values: Mapping[str, Any], what: str) 
 
 def _check_groups(channels: tuple[int, ...], groups: int, what: str) -> None:
     if any(c % groups for c in channels):
-        raise ValueError(
-            f"{what}: every channel count {channels} must be a multiple of norm_num_groups={groups}"
-        )
+        raise ValueError(f"{what}: every channel count {channels} must be a multiple of norm_num_groups={groups}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +59,7 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         if not len(self.channels) == len(self.num_res_blocks) == len(self.attention_levels):
-            raise ValueError(
-                "autoencoder: channels, num_res_blocks and attention_levels need one entry per level"
-            )
+            raise ValueError("autoencoder: channels, num_res_blocks and attention_levels need one entry per level")
         _check_groups(self.channels, self.norm_num_groups, "autoencoder")
 
     @property
@@ -162,12 +158,7 @@ class DiffusionUNetConfig:
 
     def __post_init__(self) -> None:
         levels = len(self.channels)
-        if (
-            not len(self.attention_levels)
-            == len(self.num_res_blocks)
-            == len(self.num_head_channels)
-            == levels
-        ):
+        if not len(self.attention_levels) == len(self.num_res_blocks) == len(self.num_head_channels) == levels:
             raise ValueError(
                 "diffusion UNet: channels, attention_levels, num_res_blocks and num_head_channels "
                 "need one entry per level"
@@ -226,13 +217,9 @@ class SchedulerConfig:
         if self.kind not in SCHEDULER_KINDS:
             raise ValueError(f"scheduler kind must be one of {SCHEDULER_KINDS}, got {self.kind!r}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
-            )
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.kind == "rflow" and self.prediction_type != "v_prediction":
-            raise ValueError(
-                "a rectified-flow model predicts the velocity: prediction_type must be v_prediction"
-            )
+            raise ValueError("a rectified-flow model predicts the velocity: prediction_type must be v_prediction")
         if self.num_train_timesteps < 1:
             raise ValueError("num_train_timesteps must be >= 1")
 
@@ -361,9 +348,7 @@ class SCTNetworks(nn.Module):
         """The MR encoding on the latent grid."""
         return self.mr_encoder(mr_unit)
 
-    def denoise(
-        self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, mr_encoding: torch.Tensor
-    ) -> torch.Tensor:
+    def denoise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, mr_encoding: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction for a (scaled) noisy latent, conditioned by concatenating the MR encoding."""
         return self.unet(torch.cat([noisy_latent, mr_encoding], dim=1), timesteps)
 

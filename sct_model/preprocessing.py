@@ -76,9 +76,7 @@ class PreprocessingConfig:
         names = {field.name for field in dataclasses.fields(cls)}
         unknown, missing = set(values) - names, names - set(values)
         if unknown or missing:
-            raise ValueError(
-                f"preprocessing settings: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
-            )
+            raise ValueError(f"preprocessing settings: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})  # type: ignore[arg-type]
 
 
@@ -216,9 +214,7 @@ def normalize_mr(
     values = np.asarray(mr_array, dtype=np.float32)[inside]
     if values.size == 0:
         raise PreprocessingError("the body mask is empty: the MR cannot be normalised")
-    low, high = (
-        float(v) for v in np.percentile(values, [config.mr_lower_percentile, config.mr_upper_percentile])
-    )
+    low, high = (float(v) for v in np.percentile(values, [config.mr_lower_percentile, config.mr_upper_percentile]))
     if not high > low:
         raise PreprocessingError(f"the MR intensities inside the body are constant ({low}): cannot normalise")
     unit = np.clip((np.asarray(mr_array, dtype=np.float32) - low) / (high - low), 0.0, 1.0)

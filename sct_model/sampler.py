@@ -64,9 +64,7 @@ class InferenceOptions:
         if not 0.0 <= self.window_overlap < 1.0:
             raise ValueError("window_overlap must be in [0, 1)")
         if self.window_batch_size < 1 or self.max_whole_latent_voxels < 0 or self.ddim_eta < 0:
-            raise ValueError(
-                "window_batch_size >= 1, max_whole_latent_voxels >= 0 and ddim_eta >= 0 are required"
-            )
+            raise ValueError("window_batch_size >= 1, max_whole_latent_voxels >= 0 and ddim_eta >= 0 are required")
 
 
 def _shape3(values: Iterable[int]) -> Shape3:
@@ -119,9 +117,7 @@ class SCTSampler:
         self.device = resolve_device(device)
         self.options = options or InferenceOptions()
         _make_deterministic(self.device)
-        self.networks = checkpoint.build_networks(
-            device=self.device, use_flash_attention=self.device.type == "cuda"
-        )
+        self.networks = checkpoint.build_networks(device=self.device, use_flash_attention=self.device.type == "cuda")
         self._amp = self.device.type == "cuda" and self.options.mixed_precision
         self._amp_dtype = torch.bfloat16 if self._amp and torch.cuda.is_bf16_supported() else torch.float16
         model = checkpoint.model
@@ -129,9 +125,7 @@ class SCTSampler:
         self.size_multiple = model.size_multiple
         window = self.options.window_latent_shape or checkpoint.latent_patch_shape
         if any(int(n) < 1 or int(n) % model.unet.downsample_factor for n in window):
-            raise ValueError(
-                f"window_latent_shape {window} must be multiples of {model.unet.downsample_factor}"
-            )
+            raise ValueError(f"window_latent_shape {window} must be multiples of {model.unet.downsample_factor}")
         self.window_latent_shape = _shape3(window)
         self.info = PredictorInfo(
             method="diffusion",
@@ -194,9 +188,7 @@ class SCTSampler:
             self.info.sampler,
             timings["total"],
         )
-        return SCTResult(
-            hu=hu, std_hu=std, body_mask=masks.body, timings_s=timings, info=self.info, seeds=seeds
-        )
+        return SCTResult(hu=hu, std_hu=std, body_mask=masks.body, timings_s=timings, info=self.info, seeds=seeds)
 
     # -- the model grid ----------------------------------------------------------------------------
 
@@ -210,14 +202,10 @@ class SCTSampler:
         """
         shape = np.asarray(mr_unit.shape)
         if mr_unit.ndim != 3 or np.any(shape % self.size_multiple):
-            raise ValueError(
-                f"MR shape {mr_unit.shape} must be 3D with sizes multiple of {self.size_multiple}"
-            )
+            raise ValueError(f"MR shape {mr_unit.shape} must be 3D with sizes multiple of {self.size_multiple}")
         timings = {"condition": 0.0, "sampling": 0.0, "decode": 0.0}
         started = time.perf_counter()
-        mr_tensor = torch.from_numpy(np.ascontiguousarray(mr_unit, dtype=np.float32))[None, None].to(
-            self.device
-        )
+        mr_tensor = torch.from_numpy(np.ascontiguousarray(mr_unit, dtype=np.float32))[None, None].to(self.device)
         latent_shape = _shape3(int(n) // self.latent_factor for n in mr_unit.shape)
         windowed = int(np.prod(latent_shape)) > self.options.max_whole_latent_voxels
         window = _shape3(min(w, n) for w, n in zip(self.window_latent_shape, latent_shape, strict=True))
@@ -232,9 +220,7 @@ class SCTSampler:
             timings["sampling"] += self._elapsed(started)
             started = time.perf_counter()
             ct_unit = self._decode(latent, window if windowed else None)
-            hu = unit_to_hu(ct_unit[0, 0].float().cpu().numpy(), self.checkpoint.preprocessing).astype(
-                np.float64
-            )
+            hu = unit_to_hu(ct_unit[0, 0].float().cpu().numpy(), self.checkpoint.preprocessing).astype(np.float64)
             count += 1  # Welford's running mean and sum of squared deviations
             delta = hu - mean
             mean += delta / count
@@ -324,9 +310,7 @@ class SCTSampler:
             window_out, mode="gaussian", sigma_scale=0.125, device=self.device, dtype=torch.float32
         )[None, None]
 
-        def output_weight(
-            outputs: object, _window: torch.Tensor, _weight: torch.Tensor
-        ) -> tuple[object, torch.Tensor]:
+        def output_weight(outputs: object, _window: torch.Tensor, _weight: torch.Tensor) -> tuple[object, torch.Tensor]:
             return outputs, weight
 
         return sliding_window_inference(  # type: ignore[return-value]

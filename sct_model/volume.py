@@ -63,7 +63,10 @@ class Grid:
     def corner_points(self) -> np.ndarray:
         """The 8 outer corners (voxel edges, not centres) of the grid, as LPS points (8, 3)."""
         lo, hi = -0.5, np.asarray(self.size, dtype=float) - 0.5
-        corners = [[(lo if bit == 0 else hi[axis]) for axis, bit in enumerate(bits)] for bits in itertools.product((0, 1), repeat=3)]
+        corners = [
+            [(lo if bit == 0 else hi[axis]) for axis, bit in enumerate(bits)]
+            for bits in itertools.product((0, 1), repeat=3)
+        ]
         return self.index_to_point(np.asarray(corners))
 
     def is_axial(self, tolerance: float = 1e-4) -> bool:
@@ -95,7 +98,9 @@ class Volume:
 
     def __post_init__(self) -> None:
         if self.array.shape != self.grid.shape_zyx:
-            raise ValueError(f"array shape {self.array.shape} does not match grid shape (z, y, x) {self.grid.shape_zyx}")
+            raise ValueError(
+                f"array shape {self.array.shape} does not match grid shape (z, y, x) {self.grid.shape_zyx}"
+            )
 
     def to_image(self) -> sitk.Image:
         image = sitk.GetImageFromArray(self.array)

@@ -38,8 +38,17 @@ def test_every_key_of_the_default_is_documented_by_a_comment():
 
 @pytest.mark.parametrize(
     ("section", "key"),
-    [("node", "ae_title"), ("node", "port"), ("storage", "root"), ("audit", "url"), ("series", "quiet_period_s"),
-     ("model", "seed"), ("sender", "max_attempts"), ("jobs", "workers"), ("node", "allowed_calling_aets")],
+    [
+        ("node", "ae_title"),
+        ("node", "port"),
+        ("storage", "root"),
+        ("audit", "url"),
+        ("series", "quiet_period_s"),
+        ("model", "seed"),
+        ("sender", "max_attempts"),
+        ("jobs", "workers"),
+        ("node", "allowed_calling_aets"),
+    ],
 )
 def test_missing_key_is_named(section, key):
     data = _default()

@@ -87,9 +87,7 @@ def test_state_machine_allows_the_documented_path_and_refuses_others(db):
         assert claimed.finished_at is not None
     with db.session() as session:
         changes = session.execute(
-            select(EventRow.from_state, EventRow.to_state)
-            .where(EventRow.job_id == job_id)
-            .order_by(EventRow.id)
+            select(EventRow.from_state, EventRow.to_state).where(EventRow.job_id == job_id).order_by(EventRow.id)
         ).all()
     assert [tuple(c) for c in changes] == [
         ("", "QUEUED"),
@@ -182,10 +180,20 @@ def test_recorder_writes_the_good_rows_of_a_batch_with_a_bad_one(db):
     from dicom_node.audit import InstanceRecorder, InstanceRow
 
     recorder = InstanceRecorder(db, flush_interval_s=0.5)
-    base = dict(sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                series_instance_uid="1.2.3.9", study_instance_uid="1.2.3", patient_id="P1", patient_name="Doe^Jane",
-                modality="MR", series_description="T1", protocol_name="", calling_aet="SCANNER",
-                size_bytes=1, received_at=utcnow())
+    base = dict(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        series_instance_uid="1.2.3.9",
+        study_instance_uid="1.2.3",
+        patient_id="P1",
+        patient_name="Doe^Jane",
+        modality="MR",
+        series_description="T1",
+        protocol_name="",
+        calling_aet="SCANNER",
+        size_bytes=1,
+        received_at=utcnow(),
+    )
     recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.1", path="/a", **base))
     recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.2", path=None, **base))  # NOT NULL violated
     recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.3", path="/c", **base))

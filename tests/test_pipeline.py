@@ -36,8 +36,14 @@ class UncertainPredictor:
         body = np.zeros(grid.shape_zyx, np.uint8)
         body[: grid.shape_zyx[0] // 2] = 1
         std = np.where(body > 0, 10.0, 0.0).astype(np.float32)
-        return SCTResult(Volume(hu, grid), Volume(std, grid), Volume(body, grid), {"sampling": 0.01}, self.info,
-                         tuple(range(seed, seed + samples)))
+        return SCTResult(
+            Volume(hu, grid),
+            Volume(std, grid),
+            Volume(body, grid),
+            {"sampling": 0.01},
+            self.info,
+            tuple(range(seed, seed + samples)),
+        )
 
 
 class FailingPredictor:
@@ -69,8 +75,9 @@ def _config(tmp_path: Path, pacs_port: int, **model: object):
 
 
 def _send(node: Node, files: list[Path]) -> None:
-    result = scu.send_series(files, Destination("node", "SCTNODE", "127.0.0.1", node.port), calling_aet="SCANNER",
-                             timeout_s=30)
+    result = scu.send_series(
+        files, Destination("node", "SCTNODE", "127.0.0.1", node.port), calling_aet="SCANNER", timeout_s=30
+    )
     assert result.ok, result.message
 
 
@@ -103,7 +110,8 @@ def test_bulk_density_series_is_written_and_delivered(tmp_path, pacs):
         with node.db.session() as session:
             sends = session.scalars(select(SendRow)).all()
             assert [(s.destination, s.ok, s.instances_sent) for s in sends] == [
-                ("planning_pacs", True, job.sct_instance_count)]
+                ("planning_pacs", True, job.sct_instance_count)
+            ]
     finally:
         node.stop()
 
@@ -138,8 +146,12 @@ def test_a_failing_stage_makes_a_failed_job_with_the_reason_and_the_node_goes_on
         assert "SamplingError: out of GPU memory (simulated)" in job.error
         assert not list(pacs.folder.glob("*.dcm"))
         assert node.scp is not None
-        assert scu.send_series([], Destination("n", "SCTNODE", "127.0.0.1", node.port), calling_aet="X",
-                               timeout_s=5).message == "nothing to send"
+        assert (
+            scu.send_series(
+                [], Destination("n", "SCTNODE", "127.0.0.1", node.port), calling_aet="X", timeout_s=5
+            ).message
+            == "nothing to send"
+        )
     finally:
         node.stop()
 
@@ -174,8 +186,17 @@ def test_not_routed_series_is_audited_with_the_reason(tmp_path, pacs):
     node = Node(_config(tmp_path, pacs.port))
     node.start()
     try:
-        _send(node, generate_mr_series(tmp_path / "mr", slices=6, rows=16, columns=16,
-                                       series_description="T2 TRACEW", protocol_name="ep2d_diff_b1000"))
+        _send(
+            node,
+            generate_mr_series(
+                tmp_path / "mr",
+                slices=6,
+                rows=16,
+                columns=16,
+                series_description="T2 TRACEW",
+                protocol_name="ep2d_diff_b1000",
+            ),
+        )
         assert node.db is not None
 
         def closed():

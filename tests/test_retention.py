@@ -19,12 +19,19 @@ def _setup(tmp_path, state: str, finished_days_ago: float):
     (outbox / "CT_0001.dcm").write_bytes(b"ct")
     when = utcnow() - dt.timedelta(days=finished_days_ago)
     with db.session() as session:
-        series = SeriesRow(series_instance_uid=uid, study_instance_uid="1.2", first_received_at=when,
-                           last_received_at=when, closed_at=when, state=SeriesState.ROUTED)
+        series = SeriesRow(
+            series_instance_uid=uid,
+            study_instance_uid="1.2",
+            first_received_at=when,
+            last_received_at=when,
+            closed_at=when,
+            state=SeriesState.ROUTED,
+        )
         session.add(series)
         session.flush()
-        job = jobs.create_job(session, series, route_name="r", destinations=["planning_pacs"],
-                              model=config.model, uid_root="")
+        job = jobs.create_job(
+            session, series, route_name="r", destinations=["planning_pacs"], model=config.model, uid_root=""
+        )
         job.state, job.finished_at, job.output_dir = state, when, str(outbox)
     return config, db, spool, outbox
 

@@ -52,8 +52,9 @@ def test_first_matching_route_wins_and_calling_aet_is_matched(tmp_path):
     import dataclasses
     import re
 
-    research = dataclasses.replace(ROUTES[0], name="research", calling_aet_pattern=re.compile("RESEARCH_MR"),
-                                   destinations=("archive",))
+    research = dataclasses.replace(
+        ROUTES[0], name="research", calling_aet_pattern=re.compile("RESEARCH_MR"), destinations=("archive",)
+    )
     routes = (research, ROUTES[0])
     decision = decide(routes, series_description="T1 MPRAGE", protocol_name="", calling_aet="RESEARCH_MR")
     assert decision.route_name == "research"

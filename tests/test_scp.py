@@ -494,9 +494,7 @@ def test_free_space_floor(start_node: Callable[..., RunningNode]) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(
-    "transfer_syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless]
-)
+@pytest.mark.parametrize("transfer_syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless])
 def test_other_accepted_transfer_syntaxes_are_stored_as_sent(
     start_node: Callable[..., RunningNode], transfer_syntax: str
 ) -> None:
@@ -538,9 +536,7 @@ def test_no_patient_identifiers_in_logs_at_info(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     node = start_node(node={"allowed_calling_aets": ("SCANNER",)})
-    responses = store(
-        node.port, [mr_dataset(), mr_dataset(SeriesInstanceUID=None), mr_dataset(StudyInstanceUID="x")]
-    )
+    responses = store(node.port, [mr_dataset(), mr_dataset(SeriesInstanceUID=None), mr_dataset(StudyInstanceUID="x")])
     assert [r.Status for r in responses] == [0x0000, 0xC220, 0xC220]
     associate(node.port, "INTRUDER")
     node.scp.stop()

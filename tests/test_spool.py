@@ -188,9 +188,7 @@ def test_write_atomic_failing_rename_leaves_nothing(storage: StorageConfig) -> N
     assert list(storage.incoming.iterdir()) == []
 
 
-def test_write_atomic_failing_write_leaves_nothing(
-    storage: StorageConfig, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_atomic_failing_write_leaves_nothing(storage: StorageConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     def disk_full(fd: int, data: object) -> int:
         raise OSError(28, "No space left on device")
 
@@ -422,16 +420,12 @@ def spool_instance(storage: StorageConfig, ds: Dataset, calling_aet: str = "SCAN
     return path
 
 
-def test_reconcile_rebuilds_missing_rows_and_deletes_temporary_files(
-    storage: StorageConfig, db: AuditDB
-) -> None:
+def test_reconcile_rebuilds_missing_rows_and_deletes_temporary_files(storage: StorageConfig, db: AuditDB) -> None:
     datasets = [small_mr("1.2.3.4") for _ in range(3)] + [small_mr("1.2.3.5")]
     paths = [spool_instance(storage, ds, calling_aet="MR_SCANNER_1") for ds in datasets]
     header = read_instance_header(paths[0])
     with db.session() as session:  # the first instance's row made it to the database before the crash
-        received = header.received(
-            calling_aet="MR_SCANNER_1", path=paths[0], size_bytes=1, received_at=_now()
-        )
+        received = header.received(calling_aet="MR_SCANNER_1", path=paths[0], size_bytes=1, received_at=_now())
         record_instances(session, [received])
     (storage.incoming / "tmpabc.part").write_bytes(b"half an instance")
     (storage.incoming / "tmpdef.part").write_bytes(b"")
@@ -495,9 +489,7 @@ def test_reconcile_finds_missing_rows_among_hundreds_of_series(storage: StorageC
             (storage.spool / series_uid / f"{series_uid}.1.dcm").write_bytes(template)
     kept = [uid for uid in series_uids if uid not in lost]
     with db.session() as session:
-        record_instances(
-            session, [_received(uid, f"{uid}.1", storage.spool / uid / f"{uid}.1.dcm") for uid in kept]
-        )
+        record_instances(session, [_received(uid, f"{uid}.1", storage.spool / uid / f"{uid}.1.dcm") for uid in kept])
 
     assert reconcile_spool(db, storage) == len(lost)
     with db.session() as session:

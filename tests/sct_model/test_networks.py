@@ -44,9 +44,7 @@ def test_tiny_shapes_through_encoder_unet_and_decoder():
 def test_inconsistent_configs_are_refused():
     tiny = preset("tiny")
     with pytest.raises(ValueError, match="latent grid"):
-        dataclasses.replace(
-            tiny, mr_encoder=MREncoderConfig(channels=(8, 16), out_channels=4, norm_num_groups=4)
-        )
+        dataclasses.replace(tiny, mr_encoder=MREncoderConfig(channels=(8, 16), out_channels=4, norm_num_groups=4))
     with pytest.raises(ValueError, match="multiple of norm_num_groups"):
         AutoencoderConfig(channels=(12, 32, 32), norm_num_groups=8)
     with pytest.raises(ValueError, match="one entry per level"):

@@ -153,9 +153,7 @@ def test_output_masks_on_a_large_grid_use_a_coarser_mask_with_a_close_outline():
 
 
 def test_normalize_mr_maps_body_percentiles_to_the_range_and_masks_the_background():
-    config = PreprocessingConfig(
-        mr_lower_percentile=10.0, mr_upper_percentile=90.0, mr_output_range=(-1.0, 1.0)
-    )
+    config = PreprocessingConfig(mr_lower_percentile=10.0, mr_upper_percentile=90.0, mr_output_range=(-1.0, 1.0))
     rng = np.random.default_rng(3)
     mr = rng.uniform(100.0, 200.0, (8, 8, 8)).astype(np.float32)
     body = np.zeros(mr.shape, bool)

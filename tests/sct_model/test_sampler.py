@@ -82,9 +82,7 @@ def test_samples_give_their_mean_and_standard_deviation(sampler: SCTSampler, axi
     std = result.std_hu.array
     assert np.all(std >= 0) and np.all(std[~body] == 0.0) and std[body].mean() > 1.0
     # on the model grid: mean and sample standard deviation (ddof 1) of the single samples
-    prepared = sct_model.preprocessing.prepare_mr(
-        axial_head, sampler.checkpoint.preprocessing, sampler.size_multiple
-    )
+    prepared = sct_model.preprocessing.prepare_mr(axial_head, sampler.checkpoint.preprocessing, sampler.size_multiple)
     mr_unit = prepared.mr_unit.array
     mean, std2, _ = sampler.sample_hu(mr_unit, steps=2, seeds=(3, 4))
     one, _, _ = sampler.sample_hu(mr_unit, steps=2, seeds=(3,))
@@ -132,9 +130,7 @@ class OracleUNet(nn.Module):
     def __init__(self, config: SchedulerConfig, target: float, latent_channels: int) -> None:
         super().__init__()
         self.config, self.target, self.latent_channels = config, target, latent_channels
-        self.alphas_cumprod = (
-            config.build_training_scheduler().alphas_cumprod if config.kind == "ddpm" else None
-        )
+        self.alphas_cumprod = config.build_training_scheduler().alphas_cumprod if config.kind == "ddpm" else None
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         latent = x[:, : self.latent_channels]
@@ -220,9 +216,7 @@ def test_sliding_window_matches_whole_volume_inference_of_the_tiny_model(sampler
     between windowed and whole-volume inference is under a tenth of the difference between two seeds.
     (The machinery itself is exact: see the test above.)"""
     head = head_mr(grid_around(HEAD_CENTRE_LPS, (32, 32, 32), (4.0, 4.0, 4.0)))
-    prepared = sct_model.preprocessing.prepare_mr(
-        head, sampler.checkpoint.preprocessing, sampler.size_multiple
-    )
+    prepared = sct_model.preprocessing.prepare_mr(head, sampler.checkpoint.preprocessing, sampler.size_multiple)
     mr_unit, body = prepared.mr_unit.array, prepared.body_mask.array.astype(bool)
     latent_shape = tuple(n // sampler.latent_factor for n in mr_unit.shape)
     assert latent_shape == (8, 8, 8)
