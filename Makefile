@@ -7,7 +7,7 @@ TORCH_PIP_OPTS ?=
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all venv peers demo test test-fast lint typecheck bench-ingest bench-latency serve clean
+.PHONY: all venv peers demo test test-fast lint typecheck bench-ingest bench-latency bench-sampler serve clean
 
 all: test
 
@@ -50,6 +50,9 @@ bench-ingest: venv peers
 
 bench-latency: venv peers
 	$(PY) benchmarks/latency.py
+
+bench-sampler: venv
+	$(PY) benchmarks/sampler.py
 
 clean:
 	rm -rf var demo-output .pytest_cache
