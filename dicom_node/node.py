@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from typing import IO
 
@@ -45,6 +46,8 @@ class Node:
         self._lock_storage_root()
         self.db = AuditDB(self.config.audit.url)
         recovered = spool.reconcile_spool(self.db, storage)
+        for partial in storage.outbox.glob(".*.tmp-*"):  # an sCT write cut short by a crash: redone
+            shutil.rmtree(partial, ignore_errors=True)
         moved = series.finish_quarantine_moves(self.config, self.db)
         with self.db.session() as session:
             counts = jobs.recover_after_restart(session)

@@ -83,5 +83,7 @@ def test_kill_9_while_a_job_runs_then_restart_delivers_exactly_one_series(orthan
         with db.session() as session:
             messages = session.scalars(select(EventRow.message).where(EventRow.job_id == job.id)).all()
             assert any("restarted while the job was running" in m for m in messages)
+        outbox = config.parent / "node" / "outbox"
+        assert not list(outbox.glob(".*.tmp-*")), "a partial sCT write was left behind"
     finally:
         restarted.stop()
