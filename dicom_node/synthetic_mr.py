@@ -87,7 +87,8 @@ def _soft_ellipsoid(points: np.ndarray, centre: ArrayLike, semi_axes: ArrayLike,
     offset = points - np.asarray(centre, dtype=float)
     distance = np.linalg.norm(offset, axis=-1)
     unit = offset / np.maximum(distance, 1e-9)[..., None]
-    radius = 1.0 / np.linalg.norm(unit / np.asarray(semi_axes, dtype=float), axis=-1)  # along this direction
+    # The radius along this direction (a point exactly at the centre has no direction: any radius will do).
+    radius = 1.0 / np.maximum(np.linalg.norm(unit / np.asarray(semi_axes, dtype=float), axis=-1), 1e-12)
     if wobble:
         azimuth = np.arctan2(unit[..., 1], unit[..., 0])
         radius = radius * (1.0 + wobble * np.sin(7.0 * azimuth) * np.cos(9.0 * unit[..., 2]))

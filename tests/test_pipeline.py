@@ -60,6 +60,8 @@ def pacs(tmp_path):
 
 
 def _config(tmp_path: Path, pacs_port: int, **model: object):
+    """The default config on free ports under tmp_path; the fast bulk-density method unless given."""
+    model = {"method": "bulk_density", **model}
     config = load_config()
     root = tmp_path / "node"
     return with_overrides(
@@ -70,7 +72,7 @@ def _config(tmp_path: Path, pacs_port: int, **model: object):
         series={"quiet_period_s": 0.5, "sweep_interval_s": 0.2},
         sender={"first_retry_s": 0.2, "max_retry_s": 0.5, "max_attempts": 2, "timeout_s": 10.0},
         destinations=(Destination("planning_pacs", "PLANNING", "127.0.0.1", pacs_port),),
-        model=dict(model) if model else {},
+        model=model,
     )
 
 
@@ -236,3 +238,24 @@ def test_a_second_node_on_the_same_storage_root_is_refused(tmp_path, pacs):
     again = Node(config)  # the lock goes with the node
     again.start()
     again.stop()
+
+
+def test_demo_diffusion_model_with_samples_gives_an_uncertainty_map(tmp_path, pacs):
+    config = _config(tmp_path, pacs.port, method="diffusion", samples=2, steps=5)
+    node = Node(config)
+    node.start()
+    try:
+        _send(node, generate_mr_series(tmp_path / "mr", slices=20, rows=40, columns=40, pixel_spacing_mm=4.0,
+                                       slice_spacing_mm=4.0))
+        job = _wait_job(node)
+        assert job.state == JobState.DONE, job.error
+        assert job.method == "diffusion" and job.model_name.startswith("sct-ldm")
+        assert len(job.checkpoint_sha256) == 64
+        assert job.uncertainty_mean_hu is not None and job.uncertainty_mean_hu > 0
+        assert job.uncertainty_p95_hu >= job.uncertainty_mean_hu
+        std = sitk.GetArrayFromImage(sitk.ReadImage(job.uncertainty_path))
+        assert std.shape[0] == job.sct_instance_count
+        ct = pydicom.dcmread(sorted(pacs.folder.glob("*.dcm"))[0])
+        assert job.checkpoint_sha256 in ct.DerivationDescription
+    finally:
+        node.stop()
