@@ -4,13 +4,14 @@ import tomllib
 from pathlib import Path
 
 from dicom_node.__main__ import main
-from dicom_node.config import DEFAULT_CONFIG_PATH
+from dicom_node.config import DEFAULT_CONFIG_PATH, load_config
 from tests.integration.harness import dump_toml
 
 
 def _config_file(tmp_path: Path, **changes: dict) -> Path:
     data = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
     data["storage"]["root"] = str(tmp_path / "node")
+    data["model"]["checkpoint"] = str(load_config().model.checkpoint)
     data["audit"]["url"] = f"sqlite:///{tmp_path / 'node' / 'audit.sqlite'}"
     for section, values in changes.items():
         data[section].update(values)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from dicom_node.audit import AuditDB
-from dicom_node.config import DEFAULT_CONFIG_PATH
+from dicom_node.config import DEFAULT_CONFIG_PATH, load_config
 from dicom_node.peers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +91,7 @@ def node_config(workdir: Path, *, pacs_port: int, node_port: int | None = None, 
     """A complete config file for a test node under ``workdir`` (the default, changed where tests need)."""
     data = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
     data["node"]["port"] = node_port or free_port()
+    data["model"]["checkpoint"] = str(load_config().model.checkpoint)  # absolute: this file lives elsewhere
     data["storage"]["root"] = str(workdir / "node")
     data["storage"]["min_free_mb"] = 50
     data["audit"]["url"] = f"sqlite:///{workdir / 'node' / 'audit.sqlite'}"
