@@ -86,7 +86,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> UNetConfig:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +119,10 @@ def predict_unit(
     padded, crop = pad_to_multiple(mr_unit, multiple, background, minimum_zyx=window_zyx)
     inputs = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))[None, None].to(device)
     with autocast(device, dtype):
-        output = sliding_window_inference(inputs, list(window_zyx), 4, network, overlap=0.5, mode="gaussian")
-    return output[0, 0].float().cpu().numpy()[crop]  # type: ignore[index]
+        output: torch.Tensor = sliding_window_inference(  # type: ignore[assignment]
+            inputs, list(window_zyx), 4, network, overlap=0.5, mode="gaussian"
+        )
+    return output[0, 0].float().cpu().numpy()[crop]
 
 
 class UNetTask(TrainingTask):

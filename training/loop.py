@@ -626,7 +626,7 @@ def run_training(
 
 def pad_to_multiple(
     array: np.ndarray, multiple: int, value: float, minimum_zyx: Sequence[int] = (1, 1, 1)
-) -> tuple[np.ndarray, tuple[slice, ...]]:
+) -> tuple[np.ndarray, tuple[Any, ...]]:
     """``array`` (..., z, y, x) padded at the end of each spatial axis with ``value`` to a multiple of
     ``multiple`` (and at least ``minimum_zyx``); the slices that crop the result back."""
     spatial = array.shape[-3:]

@@ -302,15 +302,11 @@ def train_vae(data: DataOptions, run_dir: Path, loop: LoopOptions, options: VAEO
     if resume_state is not None:
         preprocessing = PreprocessingConfig.from_dict(resume_state["preprocessing"])
         config = AutoencoderConfig.from_dict(resume_state["autoencoder_config"])
-        if preprocessing.spacing_mm != (options.spacing_mm,) * 3 or resume_state["preset"] != options.preset:
-            log.warning(
-                "--resume: keeping the run's preset and spacing (%s, %s mm)",
-                resume_state["preset"],
-                preprocessing.spacing_mm,
-            )
-        options = dataclasses.replace(
-            options, preset=resume_state["preset"], spacing_mm=preprocessing.spacing_mm[0]
-        )
+        saved = VAEOptions(**resume_state["vae_options"])
+        resumed = dataclasses.replace(saved, val_cases=options.val_cases, scale_cases=options.scale_cases)
+        if dataclasses.replace(options, latent_channels=saved.latent_channels) != resumed:
+            log.warning("--resume: keeping the run's own VAE settings %s", dataclasses.asdict(saved))
+        options = resumed
     else:
         preprocessing = PreprocessingConfig(spacing_mm=(options.spacing_mm,) * 3)
         config = preset(options.preset).autoencoder

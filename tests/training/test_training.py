@@ -166,6 +166,21 @@ def test_resume_continues_at_the_exact_step(data: Path, tmp_path: Path):
         assert torch.equal(tensor, expected[name]), name
 
 
+def test_resumed_diffusion_training_matches_an_uninterrupted_run(data: Path, vae_run: Path, tmp_path: Path):
+    """The optimiser, EMA, RNG and cached-latent batches all come back: the same EMA weights."""
+    common = ["--vae", str(vae_run), "--lr-schedule", "constant", "--val-cases", "0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["ldm", *train_args(data, straight, 4, *common)]) == 0
+    assert main(["ldm", *train_args(data, resumed, 2, *common)]) == 0
+    assert main(["ldm", *train_args(data, resumed, 4, *common, "--resume")]) == 0
+    assert [int(r["step"]) for r in metric_rows(resumed)] == [1, 2, 3, 4]
+    expected, got = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(resumed / "checkpoint.pt")
+    for name, tensor in expected.unet_state.items():
+        assert torch.equal(got.unet_state[name], tensor), name
+    for name, tensor in expected.mr_encoder_state.items():
+        assert torch.equal(got.mr_encoder_state[name], tensor), name
+
+
 def test_a_run_directory_is_never_overwritten_and_resume_needs_a_state(data: Path, vae_run: Path, tmp_path):
     before = (vae_run / "vae_state.pt").read_bytes()
     assert main(["vae", *train_args(data, vae_run, 4, "--spacing", SPACING_MM)]) == 1
