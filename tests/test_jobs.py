@@ -25,12 +25,12 @@ def db(tmp_path):
     database.dispose()
 
 
-def _series(db: AuditDB, uid: str = "1.2.3.4") -> int:
-    instance = ReceivedInstance(
-        sop_instance_uid=uid + ".1",
+def _instance(sop_instance_uid: str, series_instance_uid: str = "1.2.3.4", path: str | None = "/x") -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=sop_instance_uid,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
         transfer_syntax_uid="1.2.840.10008.1.2.1",
-        series_instance_uid=uid,
+        series_instance_uid=series_instance_uid,
         study_instance_uid="1.2.3",
         patient_id="P1",
         patient_name="Doe^Jane",
@@ -38,10 +38,14 @@ def _series(db: AuditDB, uid: str = "1.2.3.4") -> int:
         series_description="T1",
         protocol_name="",
         calling_aet="SCANNER",
-        path="/x",
+        path=path,  # type: ignore[arg-type]  # None: a row the database refuses
         size_bytes=1,
         received_at=utcnow(),
     )
+
+
+def _series(db: AuditDB, uid: str = "1.2.3.4") -> int:
+    instance = _instance(uid + ".1", uid)
     with db.session() as session:
         record_instances(session, [instance])
         return session.scalars(select(SeriesRow.id).where(SeriesRow.series_instance_uid == uid)).one()
@@ -142,27 +146,12 @@ def test_instances_duplicates_and_late_arrivals_are_recorded(db):
     with db.session() as session:
         series = session.get(SeriesRow, series_id)
         assert series.instance_count == 1
-    base = dict(
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        series_instance_uid="1.2.3.4",
-        study_instance_uid="1.2.3",
-        patient_id="P1",
-        patient_name="Doe^Jane",
-        modality="MR",
-        series_description="T1",
-        protocol_name="",
-        calling_aet="SCANNER",
-        path="/x",
-        size_bytes=1,
-        received_at=utcnow(),
-    )
     with db.session() as session:
         record_instances(
             session,
             [
-                ReceivedInstance(sop_instance_uid="1.2.3.4.1", **base),
-                ReceivedInstance(sop_instance_uid="1.2.3.4.2", **base),
+                _instance("1.2.3.4.1"),
+                _instance("1.2.3.4.2"),
             ],
         )
     with db.session() as session:
@@ -170,7 +159,7 @@ def test_instances_duplicates_and_late_arrivals_are_recorded(db):
         assert series.instance_count == 2  # one duplicate, one new
         series.state = "ROUTED"
     with db.session() as session:
-        record_instances(session, [ReceivedInstance(sop_instance_uid="1.2.3.4.3", **base)])
+        record_instances(session, [_instance("1.2.3.4.3")])
     with db.session() as session:
         kinds = session.scalars(select(EventRow.kind).where(EventRow.series_id == series_id)).all()
         assert "late_instances" in kinds
@@ -180,23 +169,9 @@ def test_recorder_writes_the_good_rows_of_a_batch_with_a_bad_one(db):
     from dicom_node.audit import InstanceRecorder, InstanceRow
 
     recorder = InstanceRecorder(db, flush_interval_s=0.5)
-    base = dict(
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        series_instance_uid="1.2.3.9",
-        study_instance_uid="1.2.3",
-        patient_id="P1",
-        patient_name="Doe^Jane",
-        modality="MR",
-        series_description="T1",
-        protocol_name="",
-        calling_aet="SCANNER",
-        size_bytes=1,
-        received_at=utcnow(),
-    )
-    recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.1", path="/a", **base))
-    recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.2", path=None, **base))  # NOT NULL violated
-    recorder.record(ReceivedInstance(sop_instance_uid="1.2.3.9.3", path="/c", **base))
+    recorder.record(_instance("1.2.3.9.1", "1.2.3.9", path="/a"))
+    recorder.record(_instance("1.2.3.9.2", "1.2.3.9", path=None))  # NOT NULL violated
+    recorder.record(_instance("1.2.3.9.3", "1.2.3.9", path="/c"))
     assert recorder.flush(timeout_s=30)
     recorder.close()
     with db.session() as session:
