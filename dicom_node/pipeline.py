@@ -25,7 +25,7 @@ from dicom_node.config import Config
 from dicom_node.errors import SctNodeError
 from dicom_node.mr_series import check_series, load_mr_volume, read_headers
 from dicom_node.sct_writer import build_ct_series, write_series
-from dicom_node.series import series_instance_paths
+from dicom_node.series import CheckedSeriesCache, series_instance_paths
 from sct_model.result import SCTPredictor, SCTResult
 from sct_model.volume import axial_grid_covering
 
@@ -62,6 +62,7 @@ class PipelineContext:
     config: Config
     db: AuditDB
     predictors: PredictorPool
+    checked_series: CheckedSeriesCache = dataclasses.field(default_factory=CheckedSeriesCache)
 
     def job_outbox(self, job_id: int) -> Path:
         return self.config.storage.outbox / f"job_{job_id}"
@@ -88,14 +89,19 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         job = session.get(JobRow, job_id)
         if job is None or job.state != JobState.RUNNING:
             return
-        paths = series_instance_paths(session, job.series_id)
+        series_id = job.series_id
+        paths = series_instance_paths(session, series_id)
         settings = (job.steps, job.samples, job.seed, job.sct_series_uid, job.created_at)
     steps, samples, seed, sct_series_uid, created_at = settings
     timings: dict[str, float] = {}
     try:
         started = time.perf_counter()
-        headers = read_headers(paths)
-        checked = check_series(headers, paths)
+        cached = ctx.checked_series.take(series_id, paths)
+        if cached is not None:  # the sweep has just read and checked exactly these files
+            headers, checked = list(cached.headers), cached.checked
+        else:
+            headers = read_headers(paths)
+            checked = check_series(headers, paths)
         mr_volume = load_mr_volume(checked)
         output_grid = axial_grid_covering(checked.grid)
         timings["load"] = time.perf_counter() - started

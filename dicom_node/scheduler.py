@@ -101,7 +101,7 @@ class NodeScheduler:
         return run
 
     def _sweep(self) -> None:
-        if series.sweep(self.ctx.config, self.ctx.db):
+        if series.sweep(self.ctx.config, self.ctx.db, self.ctx.checked_series):
             self.wake("runner")
 
     def _run(self) -> None:

@@ -245,8 +245,12 @@ def test_demo_diffusion_model_with_samples_gives_an_uncertainty_map(tmp_path, pa
     node = Node(config)
     node.start()
     try:
-        _send(node, generate_mr_series(tmp_path / "mr", slices=20, rows=40, columns=40, pixel_spacing_mm=4.0,
-                                       slice_spacing_mm=4.0))
+        _send(
+            node,
+            generate_mr_series(
+                tmp_path / "mr", slices=20, rows=40, columns=40, pixel_spacing_mm=4.0, slice_spacing_mm=4.0
+            ),
+        )
         job = _wait_job(node)
         assert job.state == JobState.DONE, job.error
         assert job.method == "diffusion" and job.model_name.startswith("sct-ldm")
@@ -259,3 +263,39 @@ def test_demo_diffusion_model_with_samples_gives_an_uncertainty_map(tmp_path, pa
         assert job.checkpoint_sha256 in ct.DerivationDescription
     finally:
         node.stop()
+
+
+def test_the_runner_reuses_the_headers_the_sweep_checked_and_rereads_when_the_files_differ(tmp_path, pacs, monkeypatch):
+    from dicom_node import pipeline
+    from dicom_node.mr_series import check_series, read_headers
+    from dicom_node.series import CheckedFiles, CheckedSeriesCache
+
+    reads: list[int] = []
+
+    def counting_read_headers(paths):
+        reads.append(len(paths))
+        return read_headers(paths)
+
+    monkeypatch.setattr(pipeline, "read_headers", counting_read_headers)
+    node = Node(_config(tmp_path, pacs.port))
+    node.start()
+    try:
+        files = generate_mr_series(tmp_path / "mr", slices=10, rows=32, columns=32)
+        _send(node, files)
+        job = _wait_job(node)
+        assert job.state == JobState.DONE, job.error
+        assert reads == [], "the runner read the headers again although the sweep had just checked them"
+    finally:
+        node.stop()
+
+    # The cache answers only for the very files it was made from, once.
+    cache = CheckedSeriesCache(max_series=2)
+    headers = read_headers(files)
+    entry = CheckedFiles(tuple(files), tuple(headers), check_series(headers, files))
+    cache.put(7, entry)
+    assert cache.take(7, files[:-1]) is None  # another file list: not this entry (and it is gone)
+    cache.put(7, entry)
+    assert cache.take(7, files) is entry and cache.take(7, files) is None
+    for series_id in (1, 2, 3):
+        cache.put(series_id, entry)
+    assert len(cache) == 2 and cache.take(1, files) is None  # bounded: the oldest went first
