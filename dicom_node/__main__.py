@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = audit_commands.add_parser("show", help="a job's whole history")
     show.add_argument("job", type=int)
     _add_config(show)
+    verify = audit_commands.add_parser(
+        "verify", help="check the events' hash chain: OK (exit 0), or each edited, missing, inserted, reordered event"
+    )
+    _add_config(verify)
 
     demo = commands.add_parser("demo", help="end-to-end demo: node + receiving PACS on free ports, one MR series")
     demo.add_argument("--input", type=Path, default=None, help="a folder of real MR DICOM files (default: generated)")
@@ -131,11 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{config.source}: OK")
         print(f"  node {config.node.ae_title} on {config.node.bind}:{config.node.port}, storage {config.storage.root}")
+        certificate = f", certificate {config.tls.certificate}" if config.tls.configured else ""
+        print(f"  listener TLS {config.node.tls}{certificate}")
         print(f"  audit {config.audit.url}")
         checkpoint = config.model.checkpoint if config.model.method == "diffusion" else "no checkpoint"
         print(f"  model {config.model.method} ({checkpoint})")
         for destination in config.destinations:
-            print(f"  destination {destination.name}: {destination.ae_title}@{destination.host}:{destination.port}")
+            where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+            print(f"  destination {destination.name}: {where}{' over TLS' if destination.tls else ''}")
         for route in config.routes:
             print(f"  route {route.name} -> {', '.join(route.destinations)}")
         return 0
@@ -148,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return audit_report.print_jobs(config, limit=args.limit)
         if args.audit_command == "series":
             return audit_report.print_series(config, limit=args.limit)
+        if args.audit_command == "verify":
+            from dicom_node import audit_chain
+
+            return audit_chain.print_verify(config)
         return audit_report.print_job(config, args.job)
     if args.command == "demo":
         from dicom_node import demo

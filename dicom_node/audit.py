@@ -4,13 +4,38 @@ Files carry the data (spool, outbox); this database carries the state and the hi
 medical physicist reviews: every instance received, every series and the decision taken on it,
 every job with its state changes, model, checkpoint hash, seed, timings and send results.
 Only portable SQLAlchemy is used, so the same code runs on SQLite (default) and PostgreSQL.
+
+The events form a hash chain (tamper evidence, not tamper proofing): each event row carries its
+position ``seq``, the hash of the event before it (``prev_hash``) and ``row_hash`` = SHA-256 over
+``prev_hash`` and its own content (see ``event_hash``). A one-row table, ``audit_chain_head``, holds
+the newest ``seq`` and hash and is updated in the same transaction as every event insert, so the
+deletion of the newest events (truncation) is caught as well: the head then names events that are
+no longer there. ``dicom_node.audit_chain.verify_chain`` walks and checks it all.
+
+Appends are serialised by the database, not only within one process: on PostgreSQL the head row
+is read ``FOR UPDATE`` (a row lock held to the commit); on SQLite every write transaction starts
+with ``BEGIN IMMEDIATE`` (SQLAlchemy's pysqlite recipe, see ``_sqlite_begin``), which takes the
+database's single write lock before the head is read. Two writers (threads of the node, or the
+``sct-node resend`` CLI in another process) therefore never chain onto the same previous hash; the
+unique index on ``seq`` would refuse such a fork even if they did. An event and the state change it
+records are written in one transaction, so neither exists without the other.
+
+Limits, stated plainly: the hash has no secret key. Someone with write access who recomputes every
+hash after the row they changed, and the head too, produces a chain that verifies. What the chain
+gives is that any edit, deletion, insertion or reordering made with SQL (or by a program that does
+not know the chain) is detected. To extend that to a determined forger, record the head hash that
+``sct-node audit verify`` prints somewhere else (a ticket, the QA log): a later chain must still
+contain that hash at that position.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -19,11 +44,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from dicom_node.errors import AuditChainError
+
 log = logging.getLogger(__name__)
+
+GENESIS_HASH = "0" * 64  # the prev_hash of the first event
+CHAIN_HEAD_ID = 1  # the one row of audit_chain_head
 
 
 def utcnow() -> dt.datetime:
@@ -175,6 +218,70 @@ class EventRow(Base):
     to_state: Mapped[str] = mapped_column(String(16), default="")
     message: Mapped[str] = mapped_column(Text, default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The hash chain (see the module docstring): position, the previous event's hash, this one's.
+    seq: Mapped[int] = mapped_column(Integer, unique=True, index=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64), index=True)  # indexed: the verifier looks links up
+
+
+class ChainHeadRow(Base):
+    """The newest link of the events' hash chain: one row, updated in each event's transaction.
+
+    It makes truncation visible (the newest events deleted) and is the row that appends lock.
+    """
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+def event_hash(
+    prev_hash: str,
+    *,
+    at: dt.datetime,
+    kind: str,
+    series_id: int | None,
+    job_id: int | None,
+    from_state: str,
+    to_state: str,
+    message: str,
+    detail: Any,
+) -> str:
+    """SHA-256 (hex) of an event: canonical JSON (sorted keys, no spaces, ASCII) of the previous
+    hash and every content field. ``seq`` and ``id`` are not hashed: the order is carried by
+    ``prev_hash`` itself, and the verifier checks that ``seq`` and ``id`` follow it."""
+    document = {
+        "v": 1,
+        "prev_hash": prev_hash,
+        "at": at.isoformat(timespec="microseconds"),
+        "kind": kind,
+        "series_id": series_id,
+        "job_id": job_id,
+        "from_state": from_state,
+        "to_state": to_state,
+        "message": message,
+        "detail": detail,
+    }
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def row_content_hash(row: EventRow) -> str:
+    """``event_hash`` of a stored row, from its own ``prev_hash`` and content."""
+    return event_hash(
+        row.prev_hash,
+        at=row.at,
+        kind=row.kind,
+        series_id=row.series_id,
+        job_id=row.job_id,
+        from_state=row.from_state,
+        to_state=row.to_state,
+        message=row.message,
+        detail=row.detail,
+    )
 
 
 def add_event(
@@ -188,33 +295,81 @@ def add_event(
     to_state: str = "",
     detail: dict[str, Any] | None = None,
 ) -> EventRow:
+    """Append an event to the chain, in ``session``'s transaction (with the change it records).
+
+    The head row is read with a lock (``FOR UPDATE`` on PostgreSQL; on SQLite the transaction
+    already holds the write lock, see ``_sqlite_begin``) and moved on in the same transaction, so
+    concurrent writers queue here instead of forking the chain. On PostgreSQL a transaction that
+    waits here may hold row locks another one needs after its own append; PostgreSQL's deadlock
+    detector then rolls one of them back whole (an error, never a half-written or forked chain).
+    """
+    if session.info.get("read_only"):
+        raise AuditChainError("AuditDB.reading() is read-only: events are added in AuditDB.session()")
+    # Stored exactly as hashed: what JSON makes of it (tuples become lists, keys strings).
+    stored_detail = json.loads(json.dumps(detail or {}))
+    head = session.execute(
+        select(ChainHeadRow.seq, ChainHeadRow.head_hash).where(ChainHeadRow.id == CHAIN_HEAD_ID).with_for_update()
+    ).one_or_none()
+    if head is None:
+        raise AuditChainError(
+            "the audit chain head (table audit_chain_head) is missing, so no event can be chained; "
+            "the audit trail may have been tampered with: run `sct-node audit verify`"
+        )
     row = EventRow(
-        at=utcnow(),
+        at=utcnow(),  # taken under the lock: times follow the chain order
         kind=kind,
         series_id=series_id,
         job_id=job_id,
         from_state=from_state,
         to_state=to_state,
         message=message,
-        detail=detail or {},
+        detail=stored_detail,
+        seq=head.seq + 1,
+        prev_hash=head.head_hash,
     )
+    row.row_hash = row_content_hash(row)
     session.add(row)
+    session.execute(
+        update(ChainHeadRow)
+        .where(ChainHeadRow.id == CHAIN_HEAD_ID)
+        .values(seq=row.seq, head_hash=row.row_hash, updated_at=row.at)
+        .execution_options(synchronize_session=False)
+    )
     return row
 
 
 class AuditDB:
-    """The engine and session factory of the audit database; creates the tables on first use."""
+    """The engine and session factory of the audit database; creates the tables on first use.
+
+    A new SQLite file is created mode 0600 whatever the umask (the CLI runs with the user's); SQLite
+    gives its -wal and -shm files the database file's mode. A database from before the hash chain
+    is migrated once (see ``dicom_node.audit_chain.ensure_chain``).
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine: Engine = create_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
             database = self.engine.url.database
-            if database and database != ":memory:":
+            if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                _create_private_file(Path(database))
+            event.listen(self.engine, "connect", _sqlite_driver_transactions_off)
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
         Base.metadata.create_all(self.engine)
+        from dicom_node.audit_chain import ensure_chain  # it imports this module
+
+        ensure_chain(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # One snapshot per reading session: SQLite's deferred BEGIN gives it (see _sqlite_begin);
+        # PostgreSQL's default READ COMMITTED would let a long report see rows committed meanwhile.
+        snapshot = {} if self.engine.dialect.name == "sqlite" else {"isolation_level": "REPEATABLE READ"}
+        self._readers = sessionmaker(
+            self.engine.execution_options(sct_read_only=True, **snapshot),
+            expire_on_commit=False,
+            info={"read_only": True},
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -222,8 +377,51 @@ class AuditDB:
         with self._sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only session for reports: one consistent snapshot that never holds the write lock
+        (a plain ``BEGIN`` on SQLite, so WAL readers do not hold up the node; REPEATABLE READ on
+        PostgreSQL). Writes are refused."""
+        with self._readers() as session:
+            event.listen(session, "before_flush", _refuse_flush)
+            try:
+                yield session
+            finally:
+                session.rollback()
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _create_private_file(path: Path) -> None:
+    """Create an empty SQLite file readable by its owner only, unless it exists already."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask took away
+    finally:
+        os.close(fd)
+
+
+def _refuse_flush(session: Session, _context: Any, _instances: Any) -> None:
+    raise AuditChainError("AuditDB.reading() is read-only: write in AuditDB.session()")
+
+
+def _sqlite_driver_transactions_off(dbapi_connection: Any, _record: Any) -> None:
+    """SQLAlchemy's pysqlite recipe, part 1: the driver emits no BEGIN of its own (its legacy mode
+    begins only before DML, so a SELECT before the first write would run outside the transaction)."""
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    """The recipe, part 2: every transaction takes SQLite's write lock at BEGIN (IMMEDIATE), so that
+    what it reads (the chain head above all) cannot change before it commits. Waiting writers queue
+    on ``busy_timeout``; a lock taken at BEGIN cannot deadlock (no transaction upgrades from read to
+    write). ``AuditDB.reading`` sessions begin DEFERRED: a snapshot that holds no lock."""
+    read_only = connection.get_execution_options().get("sct_read_only", False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

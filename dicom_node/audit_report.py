@@ -37,14 +37,14 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def job_rows(db: AuditDB, limit: int) -> list[tuple[object, ...]]:
-    with db.session() as session:
+    with db.reading() as session:
         jobs = session.execute(
             select(JobRow, SeriesRow)
             .join(SeriesRow, JobRow.series_id == SeriesRow.id)
             .order_by(JobRow.id.desc())
             .limit(limit)
         ).all()
-        rows = []
+        rows: list[tuple[object, ...]] = []
         for job, series in jobs:
             total = sum(v for k, v in job.timings_s.items() if "." not in k)
             rows.append(
@@ -85,7 +85,7 @@ def print_series(config: Config, *, limit: int = 50) -> int:
     db = open_existing(config)
     if db is None:
         return 1
-    with db.session() as session:
+    with db.reading() as session:
         series_list = session.scalars(select(SeriesRow).order_by(SeriesRow.id.desc()).limit(limit)).all()
         rows = [
             (
@@ -113,7 +113,7 @@ def print_series(config: Config, *, limit: int = 50) -> int:
 
 def describe_job(db: AuditDB, job_id: int) -> str | None:
     """The whole history of a job, as text (None if there is no such job)."""
-    with db.session() as session:
+    with db.reading() as session:
         job = session.get(JobRow, job_id)
         if job is None:
             return None

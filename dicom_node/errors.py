@@ -37,3 +37,7 @@ class JobStateError(SctNodeError):
 
 class StorageInUseError(SctNodeError):
     """Another node holds the storage root (one node per spool)."""
+
+
+class AuditChainError(SctNodeError):
+    """The audit events' hash chain cannot be extended (its head marker is missing or the schema is unknown)."""
