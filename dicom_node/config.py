@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dicom_node import tls as _tls
 from dicom_node.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +34,33 @@ class NodeConfig:
     require_called_aet: bool
     uid_root: str
     max_associations: int
+    tls: str = "off"  # "off" or "required" (TLS_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSConfig:
+    """The node's certificate, its key and the CA bundle peers are checked against; None: not configured."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+
+    @property
+    def configured(self) -> bool:
+        return None not in (self.certificate, self.private_key, self.ca_certificates)
+
+    def _paths(self) -> tuple[Path, Path, Path]:
+        if self.certificate is None or self.private_key is None or self.ca_certificates is None:
+            raise ConfigError("TLS is not configured: set tls.certificate, tls.private_key and tls.ca_certificates")
+        return self.certificate, self.private_key, self.ca_certificates
+
+    def server_context(self) -> ssl.SSLContext:
+        """The listener's SSL context (client certificates required); raises OSError (SSLError) or ValueError."""
+        return _tls.server_context(*self._paths())
+
+    def client_context(self) -> ssl.SSLContext:
+        """The sender's SSL context (server certificate and host name checked); raises OSError or ValueError."""
+        return _tls.client_context(*self._paths())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +116,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +156,7 @@ class Config:
     model: ModelConfig
     jobs: JobsConfig
     source: Path
+    tls: TLSConfig = TLSConfig()
 
     def destination(self, name: str) -> Destination:
         for destination in self.destinations:
@@ -135,6 +166,8 @@ class Config:
 
 
 MODEL_METHODS = ("diffusion", "bulk_density")
+TLS_MODES = ("off", "required")
+TLS_KEYS = ("certificate", "private_key", "ca_certificates")
 
 T = TypeVar("T")
 
@@ -254,7 +287,12 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
             ),
         ),
         max_associations=t.get("max_associations", int, _positive),
+        tls=t.get("tls", str, lambda v: None if v in TLS_MODES else f"must be one of {', '.join(TLS_MODES)}"),
     )
+    t.finish()
+
+    t = table("tls")
+    tls_paths = {key: t.get(key, str) for key in TLS_KEYS}
     t.finish()
 
     t = table("storage")
@@ -300,6 +338,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
                 ae_title=t.get("ae_title", str, _ae_title),
                 host=t.get("host", str, lambda v: None if v else "must not be empty"),
                 port=t.get("port", int, _port),
+                tls=t.get("tls", bool),
             )
         )
         t.finish()
@@ -359,6 +398,11 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     )
     t.finish()
 
+    users = (['node.tls = "required"'] if node.tls == "required" else []) + [
+        f"destination[{i}].tls = true" for i, d in enumerate(destinations) if d.tls
+    ]
+    tls = _tls_config(base, tls_paths, users)
+
     top.finish()
     return Config(
         node=node,
@@ -371,7 +415,47 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         model=model,
         jobs=jobs,
         source=source,
+        tls=tls,
     )
+
+
+def _tls_config(base: Path, values: Mapping[str, str], users: list[str]) -> TLSConfig:
+    """Resolve and check the [tls] files; ``users`` are the settings that need them (for the errors).
+
+    Set paths must be existing files, certificate and private key go together, and when TLS is used
+    all three are required and must load into SSL contexts (a key that does not match the
+    certificate, a file that is not PEM, fail here rather than at the first scanner).
+    """
+    paths = {key: _resolve(base, value) if value else None for key, value in values.items()}
+    for key, path in paths.items():
+        if path is not None and not path.is_file():
+            raise ConfigError(f"tls.{key}: file not found: {path}")
+    if (paths["certificate"] is None) != (paths["private_key"] is None):
+        raise ConfigError("tls.certificate and tls.private_key must be set together")
+    missing = [f"tls.{key}" for key, path in paths.items() if path is None]
+    if users and missing:
+        raise ConfigError(
+            f"{users[0]} needs tls.certificate, tls.private_key and tls.ca_certificates (missing: {', '.join(missing)})"
+        )
+    config = TLSConfig(**paths)
+    if not config.configured:
+        return config
+    certificate, private_key, ca_certificates = config._paths()
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, private_key, password=_tls.no_password)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"tls.certificate / tls.private_key: cannot load the certificate and its key: {exc}") from exc
+    try:
+        context.load_verify_locations(cafile=ca_certificates)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls.ca_certificates: cannot load the CA certificates: {exc}") from exc
+    try:
+        config.server_context()
+        config.client_context()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tls: cannot build the TLS contexts: {exc}") from exc
+    return config
 
 
 def load_config(path: Path | str | None = None) -> Config:

@@ -232,7 +232,11 @@ def _send_to(ctx: PipelineContext, name: str, files: list[Path], expected: int, 
     except KeyError:
         return scu.SendResult(name, False, 0, expected, f"destination {name!r} is no longer configured", ())
     return scu.send_series(
-        files, destination, calling_aet=ctx.config.node.ae_title, timeout_s=ctx.config.sender.timeout_s
+        files,
+        destination,
+        calling_aet=ctx.config.node.ae_title,
+        timeout_s=ctx.config.sender.timeout_s,
+        tls=ctx.config.tls,
     )
 
 

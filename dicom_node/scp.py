@@ -7,7 +7,10 @@ presentation context is rejected; an association that proposes no MR storage at 
 as ``sop_class_refused``). Calling AE titles outside ``node.allowed_calling_aets`` (when the
 list is not empty) and, with ``node.require_called_aet``, a called AE title other than
 ``node.ae_title`` get the association rejected (audited as ``association_rejected``), as does
-one beyond ``node.max_associations``.
+one beyond ``node.max_associations``. With ``node.tls = "required"`` the listener speaks only
+DICOM TLS (:mod:`dicom_node.tls`): a connection without TLS, or without a client certificate
+signed by ``tls.ca_certificates``, fails its handshake before any DICOM is read and is audited
+as ``tls_refused``; the AE title checks above still apply inside TLS.
 
 Each instance is written to the spool from the raw bytes the sender encoded, never decoded and
 re-encoded: pynetdicom's ``event.encoded_dataset(include_meta=False)`` hands over the dataset as
@@ -90,6 +93,7 @@ from dicom_node.spool import (
     spool_path,
     write_atomic,
 )
+from dicom_node.tls import start_tls_server
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +196,22 @@ class StorageSCP:
             raise RuntimeError("the DICOM listener is already running")
         ensure_storage_dirs(self._config.storage)
         node = self._config.node
-        self._server = self._ae.start_server((node.bind, node.port), block=False, evt_handlers=self._handlers())
+        if node.tls == "required":
+            self._server = start_tls_server(
+                self._ae,
+                (node.bind, node.port),
+                self._config.tls.server_context(),
+                self._handlers(),
+                on_failure=self._on_tls_refused,
+            )
+        else:
+            self._server = self._ae.start_server((node.bind, node.port), block=False, evt_handlers=self._handlers())
         log.info(
-            "DICOM listener %s on %s:%d: MR and Enhanced MR Image Storage, Verification; %s",
+            "DICOM listener %s on %s:%d%s: MR and Enhanced MR Image Storage, Verification; %s",
             node.ae_title,
             node.bind,
             self.port,
+            " (DICOM TLS only, client certificates required)" if node.tls == "required" else "",
             f"calling AE titles {', '.join(node.allowed_calling_aets)}"
             if node.allowed_calling_aets
             else "any calling AE title",
@@ -357,6 +371,10 @@ class StorageSCP:
                 log.debug("association from %s: %d SOP class(es) refused", calling_aet, len(refused))
         except Exception:
             log.exception("error in the association-accepted handler")
+
+    def _on_tls_refused(self, address: str, reason: str) -> None:
+        """A connection to the TLS listener failed its handshake (no TLS, untrusted certificate, timeout)."""
+        self._audit("tls_refused", f"TLS connection from {address} refused: {reason}", address=address, reason=reason)
 
     def _on_rejected(self, event: Event) -> None:
         try:

@@ -18,7 +18,8 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_node.config import Destination
+from dicom_node import tls as tls_support
+from dicom_node.config import Destination, TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,19 @@ def _sop_uids(path: Path) -> tuple[str, str, str]:
     return str(meta.SOPClassUID), str(meta.SOPInstanceUID), str(meta.file_meta.TransferSyntaxUID)
 
 
-def send_series(paths: Sequence[Path], destination: Destination, *, calling_aet: str, timeout_s: float) -> SendResult:
-    """Send every file in ``paths`` to ``destination`` over one association."""
+def send_series(
+    paths: Sequence[Path],
+    destination: Destination,
+    *,
+    calling_aet: str,
+    timeout_s: float,
+    tls: TLSConfig | None = None,
+) -> SendResult:
+    """Send every file in ``paths`` to ``destination`` over one association.
+
+    With ``destination.tls`` the association runs over DICOM TLS with the certificates of ``tls``
+    (built into a fresh SSL context per send, so renewed certificate files are picked up).
+    """
     if not paths:
         return SendResult(destination.name, False, 0, 0, "nothing to send", ())
     headers = [(Path(p), *_sop_uids(Path(p))) for p in paths]
@@ -75,12 +87,24 @@ def send_series(paths: Sequence[Path], destination: Destination, *, calling_aet:
     for sop_class, syntax in sorted({(h[1], h[3]) for h in headers}):
         ae.add_requested_context(sop_class, sorted({syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
     where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    tls_args = None
+    if destination.tls:
+        where += " over TLS"
+        try:
+            if tls is None:
+                raise ValueError("no [tls] configuration was given to the sender")
+            tls_args = (tls.client_context(), destination.host)
+        except Exception as exc:  # missing or unreadable certificate files
+            return SendResult(destination.name, False, 0, len(paths), f"{where}: cannot set up TLS: {exc}", ())
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     except Exception as exc:  # name resolution and socket errors surface here
         return SendResult(destination.name, False, 0, len(paths), f"cannot connect to {where}: {exc}", ())
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association aborted or no answer"
+        if tls_args is not None and not assoc.is_rejected:  # pynetdicom only logs why: ask again
+            problem = tls_support.probe(destination.host, destination.port, tls_args[0], timeout_s)
+            reason = f"TLS connection failed: {problem}" if problem else f"{reason} (TLS handshake succeeded)"
         return SendResult(destination.name, False, 0, len(paths), f"{where}: {reason}", ())
     set_tcp_nodelay(assoc)
 

@@ -121,7 +121,8 @@ class NodeProcess:
         self.log_path = config_path.parent / "node.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 60.0) -> NodeProcess:
+    def start(self, timeout_s: float = 60.0, echo_args: tuple[str, ...] = ()) -> NodeProcess:
+        """Start the node and wait until it answers echoscu (``echo_args``: e.g. the +tls options)."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [str(VENV_BIN / "sct-node"), "serve", "--config", str(self.config_path)],
@@ -135,7 +136,7 @@ class NodeProcess:
             lambda: (
                 self.alive()
                 and subprocess.run(
-                    [echoscu, "-aet", "SCANNER", "-aec", self.ae_title, "127.0.0.1", str(self.port)],
+                    [echoscu, "-aet", "SCANNER", "-aec", self.ae_title, *echo_args, "127.0.0.1", str(self.port)],
                     capture_output=True,
                 ).returncode
                 == 0
