@@ -7,7 +7,7 @@ TORCH_PIP_OPTS ?=
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all venv peers demo test test-fast lint typecheck bench-ingest bench-latency bench-sampler serve clean
+.PHONY: all venv peers demo test test-fast reliability reliability-short lint typecheck bench-ingest bench-latency bench-sampler serve clean
 
 all: test
 
@@ -34,6 +34,15 @@ test: venv peers
 # Unit tests only (no DCMTK/Orthanc).
 test-fast: venv
 	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
+
+# Fault, load, bad-input and security tests in their long versions (20+ kills, thousands of fuzzed
+# inputs, four scanners x 300 slices...); writes docs/reliability.md. `make test` runs the short ones.
+reliability: venv peers
+	$(PY) scripts/reliability_report.py
+
+# The same report from the short (CI) versions: a quick check that the report works.
+reliability-short: venv peers
+	$(PY) scripts/reliability_report.py --short --output docs/reliability-short.md
 
 lint: venv
 	$(VENV)/bin/ruff check dicom_node sct_model training tests benchmarks
