@@ -110,6 +110,9 @@ class SenderConfig:
         return float(min(self.max_retry_s, self.first_retry_s * 2 ** max(0, attempt - 1)))
 
 
+MAX_ASSOCIATIONS_PER_DESTINATION = 8
+
+
 @dataclasses.dataclass(frozen=True)
 class Destination:
     name: str
@@ -117,6 +120,7 @@ class Destination:
     host: str
     port: int
     tls: bool = False
+    associations: int = 1  # C-STOREs in parallel over this many associations (1: one association)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +343,15 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
                 host=t.get("host", str, lambda v: None if v else "must not be empty"),
                 port=t.get("port", int, _port),
                 tls=t.get("tls", bool),
+                associations=t.get(
+                    "associations",
+                    int,
+                    lambda v: (
+                        None
+                        if 1 <= v <= MAX_ASSOCIATIONS_PER_DESTINATION
+                        else f"must be 1 to {MAX_ASSOCIATIONS_PER_DESTINATION}"
+                    ),
+                ),
             )
         )
         t.finish()

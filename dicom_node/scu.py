@@ -1,4 +1,4 @@
-"""The sender: C-STORE of a whole series to one destination over one association.
+"""The sender: C-STORE of a whole series to one destination over one association (or a few in parallel).
 
 Every instance's status is checked; the series counts as delivered only when every instance got
 a success (0x0000) or warning (0xB000, 0xB006, 0xB007) status. Retries and backoff belong to the
@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,8 @@ def send_series(
     timeout_s: float,
     tls: TLSConfig | None = None,
 ) -> SendResult:
-    """Send every file in ``paths`` to ``destination`` over one association.
+    """Send every file in ``paths`` to ``destination``, over one association (the default) or over
+    ``destination.associations`` associations in parallel, each carrying every n-th file.
 
     With ``destination.tls`` the association runs over DICOM TLS with the certificates of ``tls``
     (built into a fresh SSL context per send, so renewed certificate files are picked up).
@@ -96,21 +98,61 @@ def send_series(
             tls_args = (tls.client_context(), destination.host)
         except Exception as exc:  # missing or unreadable certificate files
             return SendResult(destination.name, False, 0, len(paths), f"{where}: cannot set up TLS: {exc}", ())
+    count = max(1, min(destination.associations, len(headers)))
+    shares = [headers[i::count] for i in range(count)]
+    try:
+        if count == 1:
+            outcomes = [_send_share(ae, destination, where, tls_args, timeout_s, shares[0])]
+        else:
+            with ThreadPoolExecutor(count, thread_name_prefix=f"send-{destination.name}") as pool:
+                outcomes = list(
+                    pool.map(lambda share: _send_share(ae, destination, where, tls_args, timeout_s, share), shares)
+                )
+    finally:
+        ae.shutdown()
+    problems = [problem for problem, _ in outcomes if problem is not None]
+    statuses = [s for _, share in outcomes for s in share]
+    if problems and not statuses:
+        return SendResult(destination.name, False, 0, len(paths), problems[0], ())
+    good = [s for s in statuses if s.status is not None and (s.status == 0 or s.status in WARNING_STATUSES)]
+    bad = [s for s in statuses if s.status is None or not (s.status == 0 or s.status in WARNING_STATUSES)]
+    unsent = len(paths) - len(statuses)  # shares whose association could not be opened
+    over = f" over {count} associations" if count > 1 else ""
+    if bad or unsent:
+        if bad:
+            first = "no response" if bad[0].status is None else f"status 0x{bad[0].status:04X}"
+        else:
+            first = problems[0].removeprefix(f"{where}: ")
+        message = f"{where}: {len(bad) + unsent} of {len(paths)} instance(s) not stored{over} (first: {first})"
+    else:
+        message = f"{where}: {len(good)} instance(s) stored{over}"
+    return SendResult(destination.name, not (bad or unsent), len(good), len(bad) + unsent, message, tuple(statuses))
+
+
+def _send_share(
+    ae: AE,
+    destination: Destination,
+    where: str,
+    tls_args: tuple[Any, str] | None,
+    timeout_s: float,
+    share: Sequence[tuple[Path, str, str, str]],
+) -> tuple[str | None, list[InstanceStatus]]:
+    """One association carrying ``share``: (why it could not be opened, or None; each instance's status)."""
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     except Exception as exc:  # name resolution and socket errors surface here
-        return SendResult(destination.name, False, 0, len(paths), f"cannot connect to {where}: {exc}", ())
+        return f"cannot connect to {where}: {exc}", []
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association aborted or no answer"
         if tls_args is not None and not assoc.is_rejected:  # pynetdicom only logs why: ask again
             problem = tls_support.probe(destination.host, destination.port, tls_args[0], timeout_s)
             reason = f"TLS connection failed: {problem}" if problem else f"{reason} (TLS handshake succeeded)"
-        return SendResult(destination.name, False, 0, len(paths), f"{where}: {reason}", ())
+        return f"{where}: {reason}", []
     set_tcp_nodelay(assoc)
 
     statuses: list[InstanceStatus] = []
     try:
-        for message_id, (path, _sop_class, sop_instance, _syntax) in enumerate(headers, start=1):
+        for message_id, (path, _sop_class, sop_instance, _syntax) in enumerate(share, start=1):
             if not assoc.is_established:
                 statuses.append(InstanceStatus(str(path), sop_instance, None))
                 continue
@@ -124,14 +166,4 @@ def send_series(
     finally:
         if assoc.is_established:
             assoc.release()
-        ae.shutdown()
-
-    good = [s for s in statuses if s.status is not None and (s.status == 0 or s.status in WARNING_STATUSES)]
-    bad = [s for s in statuses if s not in good]
-    if bad:
-        first = bad[0]
-        status_text = "no response" if first.status is None else f"status 0x{first.status:04X}"
-        message = f"{where}: {len(bad)} of {len(statuses)} instance(s) not stored (first: {status_text})"
-    else:
-        message = f"{where}: {len(good)} instance(s) stored"
-    return SendResult(destination.name, not bad, len(good), len(bad), message, tuple(statuses))
+    return None, statuses

@@ -270,3 +270,19 @@ def test_tls_paths_resolve_against_the_config_folder_and_build_strict_contexts(p
     assert client.minimum_version >= ssl.TLSVersion.TLSv1_2
     # Only the configured CA is trusted, not the system's store.
     assert [c["subject"] for c in client.get_ca_certs()] == [((("commonName", "test ca"),),)]
+
+
+def test_destination_associations_are_one_by_default_and_bounded():
+    assert [d.associations for d in load_config().destinations] == [1]
+    data = _default()
+    del data["destination"][0]["associations"]
+    with pytest.raises(ConfigError, match=re.escape("missing key destination[0].associations")):
+        parse_config(data, DEFAULT_CONFIG_PATH)
+    for wrong in (0, 9):
+        data = _default()
+        data["destination"][0]["associations"] = wrong
+        with pytest.raises(ConfigError, match=re.escape("destination[0].associations: must be 1 to 8")):
+            parse_config(data, DEFAULT_CONFIG_PATH)
+    data = _default()
+    data["destination"][0]["associations"] = 3
+    assert parse_config(data, DEFAULT_CONFIG_PATH).destinations[0].associations == 3

@@ -57,3 +57,12 @@ def test_retention_zero_keeps_everything(tmp_path):
     config = with_overrides(config, jobs={"retention_days": 0})
     assert retention.clean(config, db) == 0
     assert spool.exists()
+
+
+def test_retention_runs_hourly_or_ten_times_per_retention_time_when_shorter():
+    from dicom_node.scheduler import RETENTION_INTERVAL_S, retention_interval_s
+
+    assert retention_interval_s(30) == RETENTION_INTERVAL_S
+    assert retention_interval_s(0) == RETENTION_INTERVAL_S  # retention off: the task finds nothing anyway
+    assert retention_interval_s(60 / 86400) == 6.0
+    assert retention_interval_s(1 / 86400) == 1.0  # never more than once a second
