@@ -5,7 +5,8 @@
   worker): runs QUEUED jobs, wakes the sender after each;
 - ``sender`` (the ``sender`` executor): sends SENDING jobs whose attempt is due (retries with
   backoff are due times in the database, so they survive restarts);
-- ``retention`` (hourly): deletes spool and outbox of delivered series past their retention time.
+- ``retention`` (hourly, or at a tenth of the retention time when that is shorter): deletes spool
+  and outbox of delivered series past their retention time.
 Reception never waits for any of these: the SCP runs in pynetdicom's own threads.
 """
 
@@ -20,6 +21,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node import pipeline, retention, series
+from dicom_node.audit import utcnow
 from dicom_node.pipeline import PipelineContext
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,14 @@ log = logging.getLogger(__name__)
 RUNNER_INTERVAL_S = 1.0
 SENDER_INTERVAL_S = 1.0
 RETENTION_INTERVAL_S = 3600.0
+
+
+def retention_interval_s(retention_days: float) -> float:
+    """How often retention runs: hourly, but at least ten times per retention time (files are then
+    deleted at most 10 % after their time), and never more than once a second."""
+    if retention_days <= 0:
+        return RETENTION_INTERVAL_S
+    return max(1.0, min(RETENTION_INTERVAL_S, retention_days * 86400.0 / 10.0))
 
 
 class NodeScheduler:
@@ -42,6 +52,9 @@ class NodeScheduler:
             job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
             timezone=dt.UTC,
         )
+        # Made right after the listener started (Node.start): the quiet period of a series left
+        # RECEIVING by a crash or a stop counts from here, not from its last instance.
+        self.listening_since = utcnow()
         self._busy: dict[str, int] = {}
         self._busy_lock = threading.Lock()
         self._limits = {"sweep": 1, "runner": workers, "sender": 1, "retention": 1}
@@ -49,7 +62,7 @@ class NodeScheduler:
             "sweep": ctx.config.series.sweep_interval_s,
             "runner": RUNNER_INTERVAL_S,
             "sender": SENDER_INTERVAL_S,
-            "retention": RETENTION_INTERVAL_S,
+            "retention": retention_interval_s(ctx.config.jobs.retention_days),
         }
         tasks: dict[str, Callable[[], object]] = {
             "sweep": self._sweep,
@@ -101,7 +114,7 @@ class NodeScheduler:
         return run
 
     def _sweep(self) -> None:
-        if series.sweep(self.ctx.config, self.ctx.db, self.ctx.checked_series):
+        if series.sweep(self.ctx.config, self.ctx.db, self.ctx.checked_series, self.listening_since):
             self.wake("runner")
 
     def _run(self) -> None:

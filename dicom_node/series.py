@@ -82,8 +82,22 @@ def series_instance_paths(session: Session, series_id: int) -> list[Path]:
     return [Path(p) for p in latest.values()]
 
 
-def quiet_series_ids(session: Session, quiet_period_s: float, now: dt.datetime | None = None) -> list[int]:
+def quiet_series_ids(
+    session: Session,
+    quiet_period_s: float,
+    now: dt.datetime | None = None,
+    listening_since: dt.datetime | None = None,
+) -> list[int]:
+    """The RECEIVING series that no instance reached for ``quiet_period_s``.
+
+    ``listening_since``: when the node (re)started listening. The time it was down was not quiet
+    (a scanner could not send the rest of a series), so no series is complete before the node has
+    listened for a whole quiet period; otherwise a series cut short by a crash or a stop would be
+    closed at the restart with only the slices received before it.
+    """
     cutoff = (now or utcnow()) - dt.timedelta(seconds=quiet_period_s)
+    if listening_since is not None and listening_since > cutoff:
+        return []
     return list(
         session.scalars(
             select(SeriesRow.id)
@@ -93,10 +107,16 @@ def quiet_series_ids(session: Session, quiet_period_s: float, now: dt.datetime |
     )
 
 
-def sweep(config: Config, db: AuditDB, cache: CheckedSeriesCache | None = None) -> list[int]:
-    """Close every quiet series; return the ids of the jobs created (their checked headers go to ``cache``)."""
+def sweep(
+    config: Config,
+    db: AuditDB,
+    cache: CheckedSeriesCache | None = None,
+    listening_since: dt.datetime | None = None,
+) -> list[int]:
+    """Close every quiet series; return the ids of the jobs created (their checked headers go to ``cache``).
+    ``listening_since``: see :func:`quiet_series_ids`."""
     with db.session() as session:
-        candidates = quiet_series_ids(session, config.series.quiet_period_s)
+        candidates = quiet_series_ids(session, config.series.quiet_period_s, listening_since=listening_since)
     created: list[int] = []
     for series_id in candidates:
         try:
