@@ -1,6 +1,11 @@
 """Latency of one series: last MR instance received → last sCT instance stored in Orthanc, by stage.
 
+``--pacs storescp`` replaces Orthanc by DCMTK storescp (which costs next to nothing per instance) to
+separate the node's own time from the PACS's ingest time; ``--associations N`` sends over N
+parallel associations (destination.associations).
+
     .venv/bin/python benchmarks/latency.py [--slices 300] [--runs 3] [--quiet-period 2] [--method bulk_density]
+                                           [--associations 1]
 
 Runs ``sct-node serve`` (a subprocess, as in production) and Orthanc on free ports, sends a
 ``--slices`` MR series built from the GE series of ../shared/data with DCMTK storescu, and polls
@@ -14,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,18 +36,71 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from ingest import build_series, machine  # noqa: E402
 
 from dicom_node.audit import JobRow, JobState, SeriesRow  # noqa: E402
-from dicom_node.peers import Orthanc  # noqa: E402
-from tests.integration.harness import NodeProcess, node_config, storescu, wait_for  # noqa: E402
+from dicom_node.peers import Orthanc, free_port  # noqa: E402
+from tests.integration.harness import NodeProcess, node_config, require_binary, storescu, wait_for  # noqa: E402
 
 OVERHEAD_LIMIT_S = 5.0
 STAGES = ("quiet_period", "check", "load", "sampling", "writing", "sending")
 
 
-def one_run(workdir: Path, series_dir: Path, quiet_period_s: float, method: str) -> dict[str, float]:
-    with Orthanc(workdir / "orthanc") as pacs:
+class StoreSCP:
+    """DCMTK storescp writing files: a receiver that costs next to nothing per instance (to separate
+    the node's own time from the PACS's ingest time)."""
+
+    ae_title = "PLANNING"
+
+    def __init__(self, workdir: Path) -> None:
+        self.folder = workdir / "storescp"
+        self.dicom_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StoreSCP:
+        self.folder.mkdir(parents=True)
+        self.process = subprocess.Popen(
+            [require_binary("storescp", "dcmtk"), "-aet", self.ae_title, "-od", str(self.folder), str(self.dicom_port)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        wait_for(lambda: _port_open(self.dicom_port), 20, "storescp to listen")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(timeout=20)
+
+    def stored(self, _series_uid: str) -> int:
+        return sum(1 for _ in self.folder.iterdir())
+
+
+class OrthancPACS(Orthanc):
+    def stored(self, series_uid: str) -> int:
+        found = self.find_series(series_uid)
+        return len(found["Instances"]) if found else 0
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def one_run(
+    workdir: Path, series_dir: Path, quiet_period_s: float, method: str, associations: int, pacs_kind: str
+) -> dict[str, float]:
+    receiver = OrthancPACS(workdir / "orthanc") if pacs_kind == "orthanc" else StoreSCP(workdir)
+    with receiver as pacs:
         config = node_config(
             workdir,
             pacs_port=pacs.dicom_port,
+            destination=[
+                {
+                    "name": "planning_pacs",
+                    "ae_title": pacs.ae_title,
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "tls": False,
+                    "associations": associations,
+                }
+            ],
             series={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.25},
             model={"method": method},
         )
@@ -60,14 +121,13 @@ def one_run(workdir: Path, series_dir: Path, quiet_period_s: float, method: str)
                     if job is not None and job.state == JobState.FAILED:
                         raise RuntimeError(job.error)
                     return 0
-                found = pacs.find_series(job.sct_series_uid)
-                return len(found["Instances"]) if found else 0
+                return pacs.stored(job.sct_series_uid)
 
             def complete() -> bool:
                 job = job_row()
                 return job is not None and job.sct_instance_count > 0 and stored_count() >= job.sct_instance_count
 
-            wait_for(complete, 900, "the sCT in Orthanc", interval_s=0.05)
+            wait_for(complete, 900, "the sCT at the receiver", interval_s=0.05)
             stored_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
             wait_for(lambda: (j := job_row()) is not None and j.state == JobState.DONE, 60, "the job to be DONE")
             with db.session() as session:
@@ -92,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quiet-period", type=float, default=2.0)
     parser.add_argument("--method", default="bulk_density", choices=("bulk_density", "diffusion"))
+    parser.add_argument("--associations", type=int, default=1, help="destination.associations (1: the default)")
+    parser.add_argument(
+        "--pacs", default="orthanc", choices=("orthanc", "storescp"), help="the receiver (storescp: node's own time)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sct-latency-") as tmp:
         root = Path(tmp)
@@ -99,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         build_series(series_dir, args.slices)
         runs = []
         for index in range(args.runs):
-            runs.append(one_run(root / f"run{index}", series_dir, args.quiet_period, args.method))
+            runs.append(
+                one_run(root / f"run{index}", series_dir, args.quiet_period, args.method, args.associations, args.pacs)
+            )
             print(
                 f"run {index + 1}: total {runs[-1]['total']:.2f} s, overhead {runs[-1]['overhead']:.2f} s", flush=True
             )
     print()
     print(
-        f"Latency, last MR instance received -> last sCT instance stored in Orthanc ({args.method}, "
+        f"Latency, last MR instance received -> last sCT instance stored in {args.pacs} ({args.method}, "
+        f"{args.associations} association{'s' if args.associations > 1 else ''}, "
         f"{int(runs[0]['slices_in'])} MR slices -> {int(runs[0]['slices_out'])} sCT slices, median of {args.runs})"
     )
     print(f"machine: {machine()}")
