@@ -38,6 +38,7 @@ class CheckedFiles:
     paths: tuple[Path, ...]
     headers: tuple[Dataset, ...]
     checked: CheckedSeries
+    received_until: dt.datetime | None = None  # the series' last_received_at when the files were read
 
 
 class CheckedSeriesCache:
@@ -51,8 +52,19 @@ class CheckedSeriesCache:
 
     def __init__(self, max_series: int = 8) -> None:
         self._entries: OrderedDict[int, CheckedFiles] = OrderedDict()
+        self._failed: OrderedDict[int, dt.datetime] = OrderedDict()  # prechecks that failed, per last_received_at
         self._lock = threading.Lock()
         self._max_series = max_series
+
+    def mark_failed(self, series_id: int, received_until: dt.datetime) -> None:
+        with self._lock:
+            self._failed[series_id] = received_until
+            while len(self._failed) > 4 * self._max_series:
+                self._failed.popitem(last=False)
+
+    def failed(self, series_id: int, received_until: dt.datetime) -> bool:
+        with self._lock:
+            return self._failed.get(series_id) == received_until
 
     def put(self, series_id: int, entry: CheckedFiles) -> None:
         with self._lock:
@@ -65,6 +77,15 @@ class CheckedSeriesCache:
         with self._lock:
             entry = self._entries.pop(series_id, None)
         return entry if entry is not None and entry.paths == tuple(paths) else None
+
+    def peek(self, series_id: int, paths: Sequence[Path], received_until: dt.datetime) -> CheckedFiles | None:
+        """The entry of ``series_id`` (kept) if it was read from exactly ``paths`` when the series'
+        last instance was the one received at ``received_until`` (any store since changes it)."""
+        with self._lock:
+            entry = self._entries.get(series_id)
+        if entry is None or entry.paths != tuple(paths) or entry.received_until != received_until:
+            return None
+        return entry
 
     def __len__(self) -> int:
         with self._lock:
@@ -126,7 +147,44 @@ def sweep(
             continue
         if job_id is not None:
             created.append(job_id)
+    if cache is not None:
+        precheck(config, db, cache, exclude=set(candidates))
     return created
+
+
+def precheck(config: Config, db: AuditDB, cache: CheckedSeriesCache, exclude: set[int] | None = None) -> int:
+    """Read and check the series that have been quiet for half their quiet period, ahead of time.
+
+    The quiet period is idle time: reading 300 headers there (about 0.6 s) instead of after it
+    takes the check off the path from the last instance to the sCT. Nothing is decided here: the
+    result waits in ``cache`` and ``close_series`` uses it only if no instance arrived since
+    (otherwise it reads the files again). A series that fails is simply read again at its close.
+    Returns the number of series read.
+    """
+    with db.session() as session:
+        due = [
+            (series_id, series_instance_paths(session, series_id), last_received_at)
+            for series_id, last_received_at in session.execute(
+                select(SeriesRow.id, SeriesRow.last_received_at).where(
+                    SeriesRow.state == SeriesState.RECEIVING,
+                    SeriesRow.last_received_at <= utcnow() - dt.timedelta(seconds=config.series.quiet_period_s / 2),
+                )
+            ).all()
+            if series_id not in (exclude or set())
+        ]
+    read = 0
+    for series_id, paths, last_received_at in due:
+        if not paths or cache.peek(series_id, paths, last_received_at) or cache.failed(series_id, last_received_at):
+            continue
+        try:
+            headers = read_headers(paths)
+            checked = check_series(headers, paths)
+        except (SeriesCheckError, LoadError):
+            cache.mark_failed(series_id, last_received_at)  # decided (and quarantined) at the close, with the reason
+            continue
+        cache.put(series_id, CheckedFiles(tuple(paths), tuple(headers), checked, last_received_at))
+        read += 1
+    return read
 
 
 def close_series(config: Config, db: AuditDB, series_id: int, cache: CheckedSeriesCache | None = None) -> int | None:
@@ -140,13 +198,14 @@ def close_series(config: Config, db: AuditDB, series_id: int, cache: CheckedSeri
 
     # Reading headers is the slow part: do it outside any transaction so that reception goes on.
     problem: str | None = None
-    checked_files: CheckedFiles | None = None
     check_started_at, started = utcnow(), time.perf_counter()
-    try:
-        headers = read_headers(paths)
-        checked_files = CheckedFiles(tuple(paths), tuple(headers), check_series(headers, paths))
-    except (SeriesCheckError, LoadError) as exc:
-        problem = str(exc)
+    checked_files = cache.peek(series_id, paths, seen_last) if cache is not None else None  # read in the quiet period
+    if checked_files is None:
+        try:
+            headers = read_headers(paths)
+            checked_files = CheckedFiles(tuple(paths), tuple(headers), check_series(headers, paths), seen_last)
+        except (SeriesCheckError, LoadError) as exc:
+            problem = str(exc)
     check_s = time.perf_counter() - started
 
     quarantine_move: tuple[Path, Path] | None = None

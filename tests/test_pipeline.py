@@ -299,3 +299,38 @@ def test_the_runner_reuses_the_headers_the_sweep_checked_and_rereads_when_the_fi
     for series_id in (1, 2, 3):
         cache.put(series_id, entry)
     assert len(cache) == 2 and cache.take(1, files) is None  # bounded: the oldest went first
+
+
+def test_headers_are_read_in_the_quiet_period_and_again_only_when_an_instance_arrived_since(
+    tmp_path, pacs, monkeypatch
+):
+    import time
+
+    from dicom_node import series as series_module
+    from dicom_node.mr_series import read_headers
+
+    reads: list[int] = []
+
+    def counting_read_headers(paths):
+        reads.append(len(paths))
+        return read_headers(paths)
+
+    monkeypatch.setattr(series_module, "read_headers", counting_read_headers)
+    config = with_overrides(_config(tmp_path, pacs.port), series={"quiet_period_s": 2.0, "sweep_interval_s": 0.1})
+    node = Node(config)
+    node.start()
+    try:
+        files = sorted(generate_mr_series(tmp_path / "mr", slices=24, rows=32, columns=32))
+        _send(node, files[:12])
+        wait_for(lambda: 12 in reads, 10, "the first half read in the quiet period")
+        time.sleep(0.3)
+        assert reads == [12], "read more than once although nothing arrived"
+        _send(node, files[12:])  # the rest of the series arrives after the precheck
+        job = _wait_job(node)
+        assert job.state == JobState.DONE, job.error
+        assert reads == [12, 24], "the whole series must be read once more, and only once"
+        assert job.timings_s["check"] < 0.05  # the close used what the quiet period had read
+        with node.db.session() as session:
+            assert session.get(SeriesRow, job.series_id).instance_count == 24
+    finally:
+        node.stop()
