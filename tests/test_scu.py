@@ -17,10 +17,12 @@ from dicom_node.synthetic_mr import generate_mr_series
 class RecordingSCP:
     """Stores nothing; records (association id, SOP Instance UID) of each C-STORE, refuses listed UIDs."""
 
-    def __init__(self, refuse: frozenset[str] = frozenset()) -> None:
+    def __init__(self, refuse: frozenset[str] = frozenset(), syntaxes: list[str] | None = None) -> None:
         self.port = free_port()
         self.refuse = refuse
+        self.syntaxes = syntaxes
         self.received: list[tuple[int, str]] = []
+        self.encoded: dict[str, tuple[str, bytes]] = {}  # SOP Instance UID -> (transfer syntax, dataset bytes)
         self._lock = threading.Lock()
         self._server = None
 
@@ -28,11 +30,16 @@ class RecordingSCP:
         uid = str(event.request.AffectedSOPInstanceUID)
         with self._lock:
             self.received.append((id(event.assoc), uid))
+            self.encoded[uid] = (str(event.context.transfer_syntax), bytes(event.encoded_dataset(include_meta=False)))
         return 0xA700 if uid in self.refuse else 0x0000
 
     def __enter__(self) -> RecordingSCP:
         ae = AE(ae_title="PLANNING")
-        ae.supported_contexts = AllStoragePresentationContexts
+        if self.syntaxes is None:
+            ae.supported_contexts = AllStoragePresentationContexts
+        else:
+            for context in AllStoragePresentationContexts:
+                ae.add_supported_context(context.abstract_syntax, self.syntaxes)
         ae.maximum_associations = 16
         self._server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
@@ -93,3 +100,24 @@ def test_an_unreachable_destination_fails_every_instance(files):
     result = _send(files, free_port(), 2)
     assert not result.ok and result.sent == 0 and result.failed == len(files)
     assert "association" in result.message or "cannot connect" in result.message
+
+
+def test_files_are_sent_byte_for_byte_and_converted_only_for_a_peer_that_needs_it(files):
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom.dsutils import split_dataset
+
+    def dataset_bytes(path):
+        _meta, offset = split_dataset(path)
+        return path.read_bytes()[offset:]
+
+    with RecordingSCP() as pacs:
+        result = _send(files, pacs.port, 1)
+    assert result.ok
+    for path, status in zip(files, result.statuses, strict=True):
+        syntax, data = pacs.encoded[status.sop_instance_uid]
+        assert syntax == ExplicitVRLittleEndian and data == dataset_bytes(path)  # the file as written
+
+    with RecordingSCP(syntaxes=[ImplicitVRLittleEndian]) as implicit_only:
+        result = _send(files, implicit_only.port, 1)
+    assert result.ok and result.sent == len(files), result.message
+    assert {syntax for syntax, _ in implicit_only.encoded.values()} == {ImplicitVRLittleEndian}
