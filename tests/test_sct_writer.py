@@ -663,3 +663,24 @@ def test_write_series_refuses_bad_sets(small_series: list[pydicom.FileDataset], 
     with pytest.raises(WriterError, match="duplicate InstanceNumber"):
         write_series(duplicated, tmp_path / "duplicated")
     assert not any(tmp_path.iterdir())
+
+
+def test_changing_one_slice_never_changes_another(small_series: list[pydicom.FileDataset]) -> None:
+    first, second = small_series[0], small_series[1]
+    before = (
+        second.SeriesDescription,
+        list(second.ImageType),
+        second.ContributingEquipmentSequence[0].Manufacturer,
+        second.SourceImageSequence[0].ReferencedSOPInstanceUID,
+    )
+    first.SeriesDescription = "changed"
+    first.ImageType.append("CHANGED")
+    first.ContributingEquipmentSequence[0].Manufacturer = "changed"
+    first.SourceImageSequence[0].ReferencedSOPInstanceUID = "1.2.3"
+    after = (
+        second.SeriesDescription,
+        list(second.ImageType),
+        second.ContributingEquipmentSequence[0].Manufacturer,
+        second.SourceImageSequence[0].ReferencedSOPInstanceUID,
+    )
+    assert after == before
