@@ -102,7 +102,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         else:
             headers = read_headers(paths)
             checked = check_series(headers, paths)
-        mr_volume = load_mr_volume(checked)
+        mr_volume = cached.volume if cached is not None and cached.volume is not None else load_mr_volume(checked)
         output_grid = axial_grid_covering(checked.grid)
         timings["load"] = time.perf_counter() - started
 

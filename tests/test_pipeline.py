@@ -316,6 +316,11 @@ def test_headers_are_read_in_the_quiet_period_and_again_only_when_an_instance_ar
         return read_headers(paths)
 
     monkeypatch.setattr(series_module, "read_headers", counting_read_headers)
+    from dicom_node import pipeline
+
+    runner_loads: list[int] = []
+    real_load = pipeline.load_mr_volume
+    monkeypatch.setattr(pipeline, "load_mr_volume", lambda checked: runner_loads.append(1) or real_load(checked))
     config = with_overrides(_config(tmp_path, pacs.port), series={"quiet_period_s": 2.0, "sweep_interval_s": 0.1})
     node = Node(config)
     node.start()
@@ -330,6 +335,7 @@ def test_headers_are_read_in_the_quiet_period_and_again_only_when_an_instance_ar
         assert job.state == JobState.DONE, job.error
         assert reads == [12, 24], "the whole series must be read once more, and only once"
         assert job.timings_s["check"] < 0.05  # the close used what the quiet period had read
+        assert runner_loads == [], "the runner loaded the voxels although the quiet period had"
         with node.db.session() as session:
             assert session.get(SeriesRow, job.series_id).instance_count == 24
     finally:
