@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from ingest import build_series, machine  # noqa: E402
 
-from dicom_node.audit import JobRow, JobState, SeriesRow  # noqa: E402
+from dicom_node.audit import JobRow, JobState, SendRow, SeriesRow  # noqa: E402
 from dicom_node.peers import Orthanc, free_port  # noqa: E402
 from tests.integration.harness import NodeProcess, node_config, require_binary, storescu, wait_for  # noqa: E402
 
@@ -140,6 +140,9 @@ def one_run(
                 timings["scheduling"] = total_s - sum(timings[s] for s in STAGES)
                 timings["overhead"] = total_s - timings["quiet_period"] - timings["sampling"]
                 timings["slices_in"], timings["slices_out"] = series.instance_count, job.sct_instance_count
+                if job.send_attempts != 1:  # a retry would be in the sending time: say so
+                    messages = session.scalars(select(SendRow.message).where(SendRow.job_id == job.id)).all()
+                    print(f"  note: {job.send_attempts} send attempts: {messages}", flush=True)
             db.dispose()
             return timings
         finally:
