@@ -174,8 +174,12 @@ def _ct_volume(files: list[bytes]) -> Volume:
     grid = Grid(
         size=(int(first.Columns), int(first.Rows), len(datasets)),
         spacing_mm=(float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), spacing_z or 1.0),
-        origin_mm=tuple(float(v) for v in first.ImagePositionPatient),
-    )  # type: ignore[arg-type]
+        origin_mm=(
+            float(first.ImagePositionPatient[0]),
+            float(first.ImagePositionPatient[1]),
+            float(first.ImagePositionPatient[2]),
+        ),
+    )
     array = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]).astype(
         np.float32
     )
@@ -193,11 +197,9 @@ def write_montage(mr_files: list[Path], sct_files: list[bytes], path: Path, tile
     sct = _ct_volume(sct_files)
     spacing = min(sct.grid.spacing_mm)
     extent = np.asarray(sct.grid.size) * np.asarray(sct.grid.spacing_mm)
-    display = Grid(
-        size=tuple(int(n) for n in np.maximum(1, np.round(extent / spacing))),  # type: ignore[arg-type]
-        spacing_mm=(spacing, spacing, spacing),
-        origin_mm=tuple(np.asarray(sct.grid.origin_mm) - np.asarray(sct.grid.spacing_mm) / 2 + spacing / 2),
-    )  # type: ignore[arg-type]
+    nx, ny, nz = (int(n) for n in np.maximum(1, np.round(extent / spacing)))
+    ox, oy, oz = (float(v) for v in np.asarray(sct.grid.origin_mm) - np.asarray(sct.grid.spacing_mm) / 2 + spacing / 2)
+    display = Grid(size=(nx, ny, nz), spacing_mm=(spacing, spacing, spacing), origin_mm=(ox, oy, oz))
     mr_display = resample(mr, display, default_value=0.0).array
     ct_display = resample(sct, display, default_value=-1024.0).array
     body = mr_display[mr_display > 0]

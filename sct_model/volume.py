@@ -81,10 +81,13 @@ class Grid:
 
     @classmethod
     def of_image(cls, image: sitk.Image) -> Grid:
+        sx, sy, sz = image.GetSize()
+        dx, dy, dz = image.GetSpacing()
+        ox, oy, oz = image.GetOrigin()
         return cls(
-            size=tuple(image.GetSize()),  # type: ignore[arg-type]
-            spacing_mm=tuple(image.GetSpacing()),  # type: ignore[arg-type]
-            origin_mm=tuple(image.GetOrigin()),  # type: ignore[arg-type]
+            size=(int(sx), int(sy), int(sz)),
+            spacing_mm=(float(dx), float(dy), float(dz)),
+            origin_mm=(float(ox), float(oy), float(oz)),
             direction=tuple(image.GetDirection()),
         )
 

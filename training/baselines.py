@@ -201,9 +201,7 @@ def train_unet_baseline(
         )
     preprocessing = PreprocessingConfig(spacing_mm=(options.spacing_mm,) * 3)
     if any(n % options.config.size_multiple for n in loop.patch_zyx):
-        raise TrainingError(
-            f"--patch {loop.patch_zyx}: each size must be a multiple of {options.config.size_multiple}"
-        )
+        raise TrainingError(f"--patch {loop.patch_zyx}: each size must be a multiple of {options.config.size_multiple}")
     device = training_device(loop.device)
     seed_everything(loop.seed)
     split = load_split(data)

@@ -29,9 +29,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data and split")
-    group.add_argument(
-        "--data", type=Path, required=True, help="SynthRAD Task1 data root (or its Task1 folder)"
-    )
+    group.add_argument("--data", type=Path, required=True, help="SynthRAD Task1 data root (or its Task1 folder)")
     group.add_argument("--regions", nargs="+", default=None, help="only these regions (default: all)")
     group.add_argument(
         "--split-file", type=Path, default=None, help="JSON split (train/val/test case ids): read, or written"
@@ -46,9 +44,7 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, lr: fl
     group = parser.add_argument_group("training")
     group.add_argument("--out", type=Path, required=True, help="run directory (state, metrics, results)")
     group.add_argument("--steps", type=int, default=steps, help=f"optimiser steps in total (default {steps})")
-    group.add_argument(
-        "--batch-size", type=int, default=batch_size, help=f"patches per micro-batch ({batch_size})"
-    )
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"patches per micro-batch ({batch_size})")
     group.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step (1)")
     group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate ({lr:g})")
     group.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine")
@@ -83,20 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(vae, steps=2000, lr=1e-4, batch_size=2)
     vae.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
     vae.add_argument("--spacing", type=float, default=1.0, help="the model's isotropic voxel spacing in mm")
-    vae.add_argument(
-        "--latent-channels", type=int, default=None, help="latent channels (default: the preset's)"
-    )
+    vae.add_argument("--latent-channels", type=int, default=None, help="latent channels (default: the preset's)")
     vae.add_argument("--kl-weight", type=float, default=1e-6)
     vae.add_argument("--adversarial-weight", type=float, default=0.0, help="patch-GAN loss weight (0: off)")
-    vae.add_argument(
-        "--adversarial-start", type=int, default=0, help="the adversarial loss joins after N steps"
-    )
+    vae.add_argument("--adversarial-start", type=int, default=0, help="the adversarial loss joins after N steps")
 
     ldm = commands.add_parser("ldm", help="train the MR-conditioned latent diffusion model (stage 2)")
     _add_training_options(ldm, steps=5000, lr=2e-4, batch_size=4)
-    ldm.add_argument(
-        "--vae", type=Path, required=True, help="a finished VAE run directory or its vae_state.pt"
-    )
+    ldm.add_argument("--vae", type=Path, required=True, help="a finished VAE run directory or its vae_state.pt")
     ldm.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
     ldm.add_argument("--scheduler", choices=("ddpm", "rflow"), default="ddpm")
     ldm.add_argument(
@@ -281,9 +271,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             log.warning("%d evaluated case(s) were in %s's training set: %s", len(seen), name, sorted(seen))
         methods[name] = sampler
     if args.unet_baseline is not None:
-        methods["unet-baseline"] = UNetBaselinePredictor.from_checkpoint(
-            args.unet_baseline, device=args.device
-        )
+        methods["unet-baseline"] = UNetBaselinePredictor.from_checkpoint(args.unet_baseline, device=args.device)
     if args.bulk_density:
         methods["bulk-density"] = BulkDensityBaseline()
     if not methods:

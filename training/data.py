@@ -98,9 +98,7 @@ def detect_layout(root: Path) -> str:
         return "synthrad2025"
     if has_2023:
         return "synthrad2023"
-    raise DataError(
-        f"no SynthRAD Task 1 region folder ({', '.join(REGIONS_2025 + REGIONS_2023)}) under {task}"
-    )
+    raise DataError(f"no SynthRAD Task 1 region folder ({', '.join(REGIONS_2025 + REGIONS_2023)}) under {task}")
 
 
 def _find_image(folder: Path, name: str, extensions: Sequence[str]) -> Path | None:
@@ -147,11 +145,7 @@ def find_cases(root: Path, *, layout: str = "auto", regions: Sequence[str] | Non
     seen: dict[str, str] = {}
     for region in sorted(region for region in wanted if region in present):
         for folder in sorted(present[region].iterdir()):
-            if (
-                not folder.is_dir()
-                or folder.name.startswith((".", "_"))
-                or folder.name.lower() in _SKIPPED_FOLDERS
-            ):
+            if not folder.is_dir() or folder.name.startswith((".", "_")) or folder.name.lower() in _SKIPPED_FOLDERS:
                 continue
             paths = {}
             for name in IMAGE_NAMES:
@@ -228,9 +222,7 @@ def split_cases(
     by_id = {case.case_id: case for case in cases}
     if len(by_id) != len(cases):
         raise DataError("case ids are not unique")
-    order = {
-        case.case_id: index for index, case in enumerate(sorted(cases, key=lambda c: (c.region, c.case_id)))
-    }
+    order = {case.case_id: index for index, case in enumerate(sorted(cases, key=lambda c: (c.region, c.case_id)))}
     if split_file is not None:
         listed = read_split(split_file)
         names_of: dict[str, list[str]] = {}
@@ -245,13 +237,8 @@ def split_cases(
             raise DataError(f"split file {split_file}: case(s) not found in the data: {', '.join(unknown)}")
         left_out = sorted(set(by_id) - set(names_of))
         if left_out:
-            log.warning(
-                "split file %s leaves out %d case(s): %s", split_file, len(left_out), ", ".join(left_out)
-            )
-        return {
-            name: sorted((by_id[i] for i in ids), key=lambda c: order[c.case_id])
-            for name, ids in listed.items()
-        }
+            log.warning("split file %s leaves out %d case(s): %s", split_file, len(left_out), ", ".join(left_out))
+        return {name: sorted((by_id[i] for i in ids), key=lambda c: order[c.case_id]) for name, ids in listed.items()}
     split: dict[str, list[Case]] = {name: [] for name in SPLIT_NAMES}
     for region in sorted({case.region for case in cases}):
         members = sorted((case for case in cases if case.region == region), key=lambda c: c.case_id)
@@ -324,8 +311,7 @@ def load_case(case: Case) -> tuple[Volume, Volume, Volume]:
     for name, volume, path in (("ct", ct, case.ct_path), ("mask", mask, case.mask_path)):
         if not same_grid(volume.grid, mr.grid):
             raise DataError(
-                f"case {case.case_id}: {name} image {path} is not on the MR's grid "
-                f"({volume.grid} vs {mr.grid})"
+                f"case {case.case_id}: {name} image {path} is not on the MR's grid ({volume.grid} vs {mr.grid})"
             )
     ct = Volume(np.clip(ct.array, HU_MIN, HU_MAX).astype(np.float32), mr.grid)
     mask = Volume((mask.array > 0).astype(np.uint8), mr.grid)

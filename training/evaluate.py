@@ -91,9 +91,7 @@ class EvaluationReport:
     results: tuple[CaseResult, ...]
     summary: tuple[SummaryRow, ...]
     median_case_id: str
-    files: dict[
-        str, Path
-    ]  # "per_case", "summary_md", "summary_csv", "boxplot_<metric>", "error_map_<method>"
+    files: dict[str, Path]  # "per_case", "summary_md", "summary_csv", "boxplot_<metric>", "error_map_<method>"
 
     def __str__(self) -> str:
         return str(self.out_dir)
@@ -270,9 +268,7 @@ def _write_summary(
             lines.append("|---|" + "---:|" * len(others))
             for region in (*regions, ALL):
                 values = [lookup[(metric, region, m)].p_value for m in others]
-                lines.append(
-                    f"| {region} | " + " | ".join("n/a" if p is None else f"{p:.3g}" for p in values) + " |"
-                )
+                lines.append(f"| {region} | " + " | ".join("n/a" if p is None else f"{p:.3g}" for p in values) + " |")
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return csv_path, md_path
 
@@ -362,9 +358,7 @@ def evaluate(
     summary = _summarise(results, names, reference_method, regions)
     files = {"per_case": out_dir / "per_case.csv"}
     _write_per_case(results, files["per_case"])
-    files["summary_csv"], files["summary_md"] = _write_summary(
-        summary, names, reference_method, regions, out_dir
-    )
+    files["summary_csv"], files["summary_md"] = _write_summary(summary, names, reference_method, regions, out_dir)
 
     reference_mae = sorted((r.mae_hu, r.case_id) for r in results if r.method == reference_method)
     median_case_id = reference_mae[(len(reference_mae) - 1) // 2][1]
@@ -452,13 +446,9 @@ def evaluate_checkpoints(
         cases = split_cases(cases, split_file=split)[subset]
     else:
         log.warning("no split file: evaluating all %d case(s) under %s", len(cases), data_root)
-    methods = build_methods(
-        checkpoints, unet_baseline=unet_baseline, bulk_density=include_bulk_density, device=device
-    )
+    methods = build_methods(checkpoints, unet_baseline=unet_baseline, bulk_density=include_bulk_density, device=device)
     reference = next(iter(methods))
-    return evaluate(
-        cases, methods, out_dir, reference_method=reference, steps=steps, samples=samples, seed=seed
-    )
+    return evaluate(cases, methods, out_dir, reference_method=reference, steps=steps, samples=samples, seed=seed)
 
 
 def run_evaluation(
@@ -483,10 +473,6 @@ def run_evaluation(
     cases = list(getattr(load_split(data), split))
     if not cases:
         raise ValueError(f"no {split} cases to evaluate under {data.root}")
-    methods = build_methods(
-        checkpoints, unet_baseline=unet_baseline, bulk_density=bulk_density, device=device
-    )
+    methods = build_methods(checkpoints, unet_baseline=unet_baseline, bulk_density=bulk_density, device=device)
     reference = next(iter(methods))
-    return evaluate(
-        cases, methods, out_dir, reference_method=reference, steps=steps, samples=samples, seed=seed
-    )
+    return evaluate(cases, methods, out_dir, reference_method=reference, steps=steps, samples=samples, seed=seed)

@@ -87,9 +87,7 @@ def boxplot_png(
             for end in (lo, hi):
                 draw.line([(cx - box_w / 4, y_of(end)), (cx + box_w / 4, y_of(end))], fill=colour, width=2)
             fill = tuple(int(255 - 0.35 * (255 - c)) for c in colour)
-            draw.rectangle(
-                [cx - box_w / 2, y_of(q3), cx + box_w / 2, y_of(q1)], fill=fill, outline=colour, width=2
-            )
+            draw.rectangle([cx - box_w / 2, y_of(q3), cx + box_w / 2, y_of(q1)], fill=fill, outline=colour, width=2)
             draw.line([(cx - box_w / 2, y_of(median)), (cx + box_w / 2, y_of(median))], fill="black", width=2)
             for outlier in data[(data < q1 - 1.5 * iqr) | (data > q3 + 1.5 * iqr)]:
                 y = y_of(float(outlier))

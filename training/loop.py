@@ -392,9 +392,7 @@ class MetricsLog:
                         rows.append(row)
             self.columns += [c for c in old_columns if c not in self.columns]
         self._handle = open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
-        self._writer = csv.DictWriter(
-            self._handle, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n"
-        )
+        self._writer = csv.DictWriter(self._handle, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
         self._writer.writeheader()
         self._writer.writerows(rows)
         self._handle.flush()
@@ -579,15 +577,11 @@ def run_training(
         log.debug("saved %s at step %d", path, step)
 
     if start_step >= options.steps:
-        log.warning(
-            "%s is already at step %d (--steps %d): nothing to train", task.name, start_step, options.steps
-        )
+        log.warning("%s is already at step %d (--steps %d): nothing to train", task.name, start_step, options.steps)
         metrics.close()
         return LoopResult(start_step, elapsed_before_s, path, {})
     stream = batch_stream(dataset, options, device, start_step)
-    progress = tqdm(
-        total=options.steps, initial=start_step, desc=f"train {task.name}", unit="step", dynamic_ncols=True
-    )
+    progress = tqdm(total=options.steps, initial=start_step, desc=f"train {task.name}", unit="step", dynamic_ncols=True)
     step = start_step
     try:
         for step in range(start_step + 1, options.steps + 1):
@@ -606,9 +600,7 @@ def run_training(
                 last_validation = task.validate(step)
                 row.update(last_validation)
                 if last_validation:
-                    progress.write(
-                        f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_validation.items())
-                    )
+                    progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_validation.items()))
             row["elapsed_s"] = elapsed_s()
             metrics.write(row)
             if (options.checkpoint_every and step % options.checkpoint_every == 0) or step == options.steps:

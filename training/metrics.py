@@ -98,9 +98,7 @@ def _ssim_map_slabs(
     """
     if window == "uniform":
         radius, n_points = 3, 7**x.ndim
-        filter_slab: Callable[[np.ndarray], np.ndarray] = partial(
-            ndimage.uniform_filter, size=7, mode="reflect"
-        )
+        filter_slab: Callable[[np.ndarray], np.ndarray] = partial(ndimage.uniform_filter, size=7, mode="reflect")
         cov_norm = n_points / (n_points - 1.0)
     elif window == "gaussian":
         radius = int(3.5 * 1.5 + 0.5)

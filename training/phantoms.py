@@ -110,12 +110,8 @@ class _Canvas:
         r2 = ((self.x - centre[0]) / semi[0]) ** 2 + ((self.y - centre[1]) / semi[1]) ** 2
         return self.full(r2 + ((self.z - centre[2]) / semi[2]) ** 2 <= 1.0)
 
-    def cylinder(
-        self, centre_xy: Sequence[float], semi_xy: Sequence[float], z_range: Sequence[float]
-    ) -> np.ndarray:
-        disc = ((self.x - centre_xy[0]) / semi_xy[0]) ** 2 + (
-            (self.y - centre_xy[1]) / semi_xy[1]
-        ) ** 2 <= 1.0
+    def cylinder(self, centre_xy: Sequence[float], semi_xy: Sequence[float], z_range: Sequence[float]) -> np.ndarray:
+        disc = ((self.x - centre_xy[0]) / semi_xy[0]) ** 2 + ((self.y - centre_xy[1]) / semi_xy[1]) ** 2 <= 1.0
         return self.full(disc & (self.z >= z_range[0]) & (self.z <= z_range[1]))
 
     def box(self, x: Sequence[float], y: Sequence[float], z: Sequence[float]) -> np.ndarray:
@@ -155,11 +151,7 @@ def _spine(
     canal_y = y0 + radius + 1.1 * canal_r
     arch_t = max(2.0 * c.max_spacing, 0.35 * canal_r)
     canal = c.cylinder((0.0, canal_y), (canal_r, canal_r), z_range)
-    arch = (
-        c.cylinder((0.0, canal_y), (canal_r + arch_t,) * 2, z_range)
-        & ~canal
-        & (c.y >= canal_y - 0.3 * canal_r)
-    )
+    arch = c.cylinder((0.0, canal_y), (canal_r + arch_t,) * 2, z_range) & ~canal & (c.y >= canal_y - 0.3 * canal_r)
     pedicles = c.box((-0.8 * radius, 0.8 * radius), (y0, canal_y), z_range) & ~canal
     spinous = c.box((-0.3 * arch_t, 0.3 * arch_t), (canal_y, canal_y + canal_r + 2.5 * arch_t), z_range)
     c.bone |= (column | arch | pedicles | spinous) & segment
@@ -213,24 +205,16 @@ def _torso(c: _Canvas, rng: np.random.Generator, region: str) -> np.ndarray:
         liver_s = np.array([0.52 * a_in, 0.62 * b_in, 0.8 * hz]) * rng.uniform(0.85, 1.1)
         c.paint(c.ellipsoid(liver_c, liver_s) & interior, "liver")
         spleen_s = np.array([0.18 * a_in, 0.28 * b_in, 0.35 * hz]) * rng.uniform(0.8, 1.2)
-        c.paint(
-            c.ellipsoid((0.58 * a_in, 0.25 * b_in, rng.uniform(0.1, 0.5) * hz), spleen_s) & interior, "spleen"
-        )
+        c.paint(c.ellipsoid((0.58 * a_in, 0.25 * b_in, rng.uniform(0.1, 0.5) * hz), spleen_s) & interior, "spleen")
         kidney_z = rng.uniform(-0.3, 0.1) * hz
         for side in (-1.0, 1.0):
             centre = (side * 0.36 * a_in, spine_y, kidney_z + rng.uniform(-0.08, 0.08) * hz)
             semi = np.array([0.13 * a_in, 0.20 * b_in, 0.35 * hz]) * rng.uniform(0.85, 1.15)
             c.paint(c.ellipsoid(centre, semi * 1.35) & interior, "fat")
             c.paint(c.ellipsoid(centre, semi) & interior, "kidney")
-            c.paint(
-                c.cylinder((side * 0.2 * a_in, spine_y), (0.1 * a_in, 0.9 * spine_r), z_all), "muscle"
-            )  # psoas
-        c.paint(
-            c.cylinder((0.12 * a_in, spine_y - 1.5 * spine_r), (0.09 * b_in,) * 2, z_all), "blood"
-        )  # aorta
-        c.paint(
-            c.cylinder((-0.15 * a_in, spine_y - 1.5 * spine_r), (0.1 * b_in, 0.08 * b_in), z_all), "blood"
-        )
+            c.paint(c.cylinder((side * 0.2 * a_in, spine_y), (0.1 * a_in, 0.9 * spine_r), z_all), "muscle")  # psoas
+        c.paint(c.cylinder((0.12 * a_in, spine_y - 1.5 * spine_r), (0.09 * b_in,) * 2, z_all), "blood")  # aorta
+        c.paint(c.cylinder((-0.15 * a_in, spine_y - 1.5 * spine_r), (0.1 * b_in, 0.08 * b_in), z_all), "blood")
         for _ in range(rng.integers(3, 7)):  # visceral fat
             centre = (
                 rng.uniform(-0.4, 0.6) * a_in,
@@ -262,9 +246,7 @@ def _torso(c: _Canvas, rng: np.random.Generator, region: str) -> np.ndarray:
     rib_level = c.full(
         np.abs((c.z - 0.25 * period * c.y / b + rng.uniform(0, period)) % period - period / 2) < rib_h / 2
     )
-    not_front = (
-        c.full(~((np.abs(c.x) < 0.15 * a) & (c.y < 0))) if region == "TH" else c.full(np.abs(c.x) > 0.45 * a)
-    )
+    not_front = c.full(~((np.abs(c.x) < 0.15 * a) & (c.y < 0))) if region == "TH" else c.full(np.abs(c.x) > 0.45 * a)
     c.bone |= rib_band & rib_level & not_front & c.full((c.z >= rib_z[0]) & (c.z <= rib_z[1]))
     _spine(c, rng, y0=spine_y, radius=spine_r, z_range=z_all)
     return body
@@ -314,9 +296,7 @@ def _head_neck(c: _Canvas, rng: np.random.Generator) -> np.ndarray:
     inner = c.cylinder((0.0, -0.05 * bh), (0.78 * ah - thickness, 0.85 * bh - thickness), mandible_z)
     c.bone |= outer & ~inner & c.full((c.y < 0.15 * bh) & (depth > t_skin))
     airway_r = max(rng.uniform(0.06, 0.09) * min(an, bn), 1.5 * c.max_spacing)
-    c.after_bone.append(
-        (c.cylinder((0.0, yn - 0.25 * bn), (airway_r,) * 2, (-hz - 1, z_base - 0.3 * ch)), "cavity")
-    )
+    c.after_bone.append((c.cylinder((0.0, yn - 0.25 * bn), (airway_r,) * 2, (-hz - 1, z_base - 0.3 * ch)), "cavity"))
     spine_r = 0.17 * min(an, bn)
     _spine(c, rng, y0=yn + 0.25 * bn, radius=spine_r, z_range=(-hz - 1.0, z_base - 0.35 * ch))
     return body

@@ -220,9 +220,7 @@ class LDMTask(TrainingTask):
         noise = torch.randn_like(latent)
         timesteps = training_timesteps(self.scheduler, latent)
         noisy = self.scheduler.add_noise(latent, noise, timesteps)
-        target = diffusion_target(
-            self.scheduler, self.model.scheduler.prediction_type, latent, noise, timesteps
-        )
+        target = diffusion_target(self.scheduler, self.model.scheduler.prediction_type, latent, noise, timesteps)
         with autocast(self.device, self.dtype):
             prediction = self.networks.denoise(noisy, timesteps, self.networks.encode_mr(batch["mr"]))
         loss = torch.nn.functional.mse_loss(prediction.float(), target)
@@ -277,9 +275,7 @@ class LDMTask(TrainingTask):
             self.ema.load_state_dict(state["ema"])
 
 
-def _use_cache(
-    options: LDMOptions, first: CaseArrays, n_cases: int, latent_channels: int, factor: int
-) -> bool:
+def _use_cache(options: LDMOptions, first: CaseArrays, n_cases: int, latent_channels: int, factor: int) -> bool:
     if options.latent_cache != "auto":
         return options.latent_cache == "on"
     voxels = first.mr.size
@@ -315,18 +311,14 @@ def train_ldm(
     vae = load_vae(vae_path)
     resume_state = prepare_run_dir(run_dir, TASK_NAME, loop.resume)
     base = preset(options.preset, scheduler=options.scheduler_config())
-    model = ModelConfig(
-        autoencoder=vae.config, mr_encoder=base.mr_encoder, unet=base.unet, scheduler=base.scheduler
-    )
+    model = ModelConfig(autoencoder=vae.config, mr_encoder=base.mr_encoder, unet=base.unet, scheduler=base.scheduler)
     if resume_state is not None:
         saved = ModelConfig.from_dict(resume_state["model_config"])
         if saved != model:
             log.warning("--resume: keeping the run's model and scheduler settings")
         model = saved
     if any(n % model.size_multiple for n in loop.patch_zyx):
-        raise TrainingError(
-            f"--patch {loop.patch_zyx}: each size must be a multiple of {model.size_multiple}"
-        )
+        raise TrainingError(f"--patch {loop.patch_zyx}: each size must be a multiple of {model.size_multiple}")
     latent_patch: tuple[int, int, int] = tuple(n // model.latent_factor for n in loop.patch_zyx)  # type: ignore[assignment]
     device = training_device(loop.device)
     seed_everything(loop.seed)

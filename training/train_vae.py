@@ -114,9 +114,7 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_volume(
-    autoencoder: AutoencoderKL, ct_unit: torch.Tensor, window_zyx: Sequence[int]
-) -> torch.Tensor:
+def encode_volume(autoencoder: AutoencoderKL, ct_unit: torch.Tensor, window_zyx: Sequence[int]) -> torch.Tensor:
     """The latent mean of a whole volume (N, 1, z, y, x), sliding-window for large volumes."""
     if ct_unit[0, 0].numel() <= MAX_WHOLE_VOXELS:
         return autoencoder.encode(ct_unit)[0]
@@ -126,9 +124,7 @@ def encode_volume(
 
 
 @torch.no_grad()
-def reconstruct_volume(
-    autoencoder: AutoencoderKL, ct_unit: torch.Tensor, window_zyx: Sequence[int]
-) -> torch.Tensor:
+def reconstruct_volume(autoencoder: AutoencoderKL, ct_unit: torch.Tensor, window_zyx: Sequence[int]) -> torch.Tensor:
     """Decode(encode mean) of a whole volume, sliding-window for large volumes."""
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
@@ -168,9 +164,7 @@ class VAETask(TrainingTask):
         self.dtype = amp_dtype(device, loop.amp)
         fp16 = self.dtype == torch.float16
         self._steps = {
-            "autoencoder": GradientStep(
-                torch.optim.Adam(self.autoencoder.parameters(), lr=loop.lr), loop, fp16=fp16
-            )
+            "autoencoder": GradientStep(torch.optim.Adam(self.autoencoder.parameters(), lr=loop.lr), loop, fp16=fp16)
         }
         self.discriminator: PatchDiscriminator | None = None
         if options.adversarial_weight > 0:
@@ -214,9 +208,7 @@ class VAETask(TrainingTask):
                 assert self.discriminator is not None
                 self.discriminator.requires_grad_(False)
                 logits_fake = self.discriminator(reconstruction.contiguous())[-1]
-                generator_loss = self.adversarial_loss(
-                    logits_fake, target_is_real=True, for_discriminator=False
-                )
+                generator_loss = self.adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
                 self.discriminator.requires_grad_(True)
                 loss = loss + self.options.adversarial_weight * generator_loss
                 values["adversarial_g"] = float(generator_loss.detach())
@@ -246,9 +238,7 @@ class VAETask(TrainingTask):
             with autocast(self.device, self.dtype):
                 reconstruction = reconstruct_volume(self.autoencoder, ct, self.loop.patch_zyx)
             errors.append(
-                mae_hu_in_mask(
-                    reconstruction[0].float().cpu().numpy(), case.ct, case.mask, self.preprocessing
-                )
+                mae_hu_in_mask(reconstruction[0].float().cpu().numpy(), case.ct, case.mask, self.preprocessing)
             )
         return {"val_mae_hu": float(np.mean(errors))}
 
@@ -262,9 +252,7 @@ class VAETask(TrainingTask):
         self.autoencoder.load_state_dict(state["autoencoder"])
         if self.discriminator is not None:
             if "discriminator" not in state:
-                raise TrainingError(
-                    "the saved VAE run has no discriminator: resume without --adversarial-weight"
-                )
+                raise TrainingError("the saved VAE run has no discriminator: resume without --adversarial-weight")
             self.discriminator.load_state_dict(state["discriminator"])
 
 
@@ -321,8 +309,7 @@ def train_vae(data: DataOptions, run_dir: Path, loop: LoopOptions, options: VAEO
     write_split({"train": split.train, "val": split.val, "test": split.test}, run_dir / "split.json")
     log.info("loading %d validation case(s) on the model grid", min(options.val_cases, len(split.val)))
     val_arrays = [
-        model_arrays(case, preprocessing, multiple)
-        for case in spread_over_regions(split.val, options.val_cases)
+        model_arrays(case, preprocessing, multiple) for case in spread_over_regions(split.val, options.val_cases)
     ]
     dataset = make_dataset(
         split.train,
@@ -350,8 +337,7 @@ def train_vae(data: DataOptions, run_dir: Path, loop: LoopOptions, options: VAEO
         min(options.scale_cases, len(split.train)),
     )
     scale_volumes = [
-        model_arrays(case, preprocessing, multiple)
-        for case in spread_over_regions(split.train, options.scale_cases)
+        model_arrays(case, preprocessing, multiple) for case in spread_over_regions(split.train, options.scale_cases)
     ]
     std = latent_std(task.autoencoder, scale_volumes, device, loop.patch_zyx)
     if not std > 0:

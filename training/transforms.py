@@ -118,9 +118,7 @@ class LoadCaseArraysd(MapTransform):
             "mr": self.preprocessing.mr_output_range[0],
             "ct": self.preprocessing.ct_output_range[0],
         }
-        out: dict[str, Any] = {
-            key: _pad_to(arrays[key], self.min_shape_zyx, backgrounds.get(key, 0)) for key in KEYS
-        }
+        out: dict[str, Any] = {key: _pad_to(arrays[key], self.min_shape_zyx, backgrounds.get(key, 0)) for key in KEYS}
         mask = out["mask"][0]
         stride = max(1, math.ceil((int(mask.sum()) / _MAX_FG_INDICES) ** (1.0 / 3.0)))
         subset = np.zeros(mask.shape, dtype=bool)
@@ -182,9 +180,7 @@ class MRIntensityAugmentd(RandomizableTransform, MapTransform):
         self.max_log_gamma, self.max_gain, self.max_noise_std = max_log_gamma, max_gain, max_noise_std
         self.bias = RandBiasField(degree=3, coeff_range=(-bias_coefficient, bias_coefficient), prob=1.0)
 
-    def set_random_state(
-        self, seed: int | None = None, state: np.random.RandomState | None = None
-    ) -> Randomizable:
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> Randomizable:
         super().set_random_state(seed, state)
         self.bias.set_random_state(seed=int(self.R.randint(2**31)))
         return self
@@ -195,16 +191,12 @@ class MRIntensityAugmentd(RandomizableTransform, MapTransform):
         if self.R.rand() < self.prob:
             unit = np.asarray(self.bias(unit), dtype=np.float32)
         if self.R.rand() < self.prob:
-            unit = np.clip(unit, 0.0, None) ** float(
-                np.exp(self.R.uniform(-self.max_log_gamma, self.max_log_gamma))
-            )
+            unit = np.clip(unit, 0.0, None) ** float(np.exp(self.R.uniform(-self.max_log_gamma, self.max_log_gamma)))
         if self.R.rand() < self.prob:
             unit = unit * float(1.0 + self.R.uniform(-self.max_gain, self.max_gain))
         if self.R.rand() < self.prob:
             std = self.R.uniform(0.0, self.max_noise_std)
-            unit = unit + self.R.normal(0.0, std, size=unit.shape).astype(np.float32) * (
-                np.asarray(data["mask"]) > 0
-            )
+            unit = unit + self.R.normal(0.0, std, size=unit.shape).astype(np.float32) * (np.asarray(data["mask"]) > 0)
         out["mr"] = (self.low + np.clip(unit, 0.0, 1.0) * (self.high - self.low)).astype(np.float32)
         return out
 
@@ -276,12 +268,8 @@ class PatchDataset(Dataset):
         mr_low, mr_high = self.preprocessing.mr_output_range
         ct_low, ct_high = self.preprocessing.ct_output_range
         return {
-            "mr": torch.as_tensor(np.asarray(patch["mr"]), dtype=torch.float32)
-            .clamp(mr_low, mr_high)
-            .contiguous(),
-            "ct": torch.as_tensor(np.asarray(patch["ct"]), dtype=torch.float32)
-            .clamp(ct_low, ct_high)
-            .contiguous(),
+            "mr": torch.as_tensor(np.asarray(patch["mr"]), dtype=torch.float32).clamp(mr_low, mr_high).contiguous(),
+            "ct": torch.as_tensor(np.asarray(patch["ct"]), dtype=torch.float32).clamp(ct_low, ct_high).contiguous(),
             "mask": (torch.as_tensor(np.asarray(patch["mask"])) > 0.5).to(torch.uint8).contiguous(),
         }
 
@@ -322,9 +310,7 @@ def make_dataset(
     items = [{"case": case} for case in cases]
     arrays: Dataset
     if cache:
-        arrays = CacheDataset(
-            items, transform=loader, num_workers=cache_workers, progress=False, copy_cache=False
-        )
+        arrays = CacheDataset(items, transform=loader, num_workers=cache_workers, progress=False, copy_cache=False)
     else:
         arrays = MonaiDataset(items, transform=loader)
     transform = _patch_transform(patch, crop, train, fraction, preprocessing)  # type: ignore[arg-type]

@@ -28,9 +28,7 @@ from training.transforms import case_to_model_arrays, make_dataset
 MODEL_CONFIG = PreprocessingConfig(spacing_mm=(3.0, 3.0, 3.0))
 
 
-def write_case(
-    folder: Path, extension: str, *, names=("mr", "ct", "mask"), seed: int = 0, ct_offset=0.0
-) -> None:
+def write_case(folder: Path, extension: str, *, names=("mr", "ct", "mask"), seed: int = 0, ct_offset=0.0) -> None:
     """A small paired case: a bright box (body) in an MR, its CT and mask, on one grid."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -49,9 +49,7 @@ def test_per_case_csv(report, cases: list[Case]) -> None:
     assert set(rows[0]) == {"case", "region", "method", "mae_hu", "psnr_db", "ssim", "ms_ssim", "seconds"}
     oracle = [r for r in rows if r["method"] == "oracle"]
     assert all(float(r["mae_hu"]) == 0.0 and math.isinf(float(r["psnr_db"])) for r in oracle)
-    assert all(
-        float(r["ssim"]) == pytest.approx(1.0) and float(r["ms_ssim"]) == pytest.approx(1.0) for r in oracle
-    )
+    assert all(float(r["ssim"]) == pytest.approx(1.0) and float(r["ms_ssim"]) == pytest.approx(1.0) for r in oracle)
     bulk = [r for r in rows if r["method"] == "bulk-density"]
     # water everywhere in the body: bone and lung errors of hundreds of HU
     assert all(50.0 < float(r["mae_hu"]) < 600.0 and 10.0 < float(r["psnr_db"]) < 40.0 for r in bulk)
@@ -81,9 +79,7 @@ def test_summary_tables(report) -> None:
     with report.files["summary_csv"].open() as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 4 * 4 * 2  # metrics x (3 regions + All) x methods
-    row = next(
-        r for r in rows if (r["metric"], r["region"], r["method"]) == ("mae_hu", "All", "bulk-density")
-    )
+    row = next(r for r in rows if (r["metric"], r["region"], r["method"]) == ("mae_hu", "All", "bulk-density"))
     assert float(row["p_value_vs_reference"]) == pytest.approx(2 / 64) and row["significance"] == "*"
     assert " *" in next(line for line in text.splitlines() if line.startswith("| All |"))
 

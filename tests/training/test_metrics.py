@@ -37,9 +37,7 @@ def test_constant_offset(volumes) -> None:
     sct.flat[inside[::2]] += 100.0
     fraction = len(inside[::2]) / len(inside)
     assert psnr_db(sct, ct, mask) == pytest.approx(10 * math.log10(4095.0**2 / (fraction * 100.0**2)))
-    assert psnr_db(sct, ct, mask, data_range=1000.0) == pytest.approx(
-        10 * math.log10(1000.0**2 / (fraction * 1e4))
-    )
+    assert psnr_db(sct, ct, mask, data_range=1000.0) == pytest.approx(10 * math.log10(1000.0**2 / (fraction * 1e4)))
 
 
 def test_identical_volumes(volumes) -> None:

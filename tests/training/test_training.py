@@ -53,9 +53,7 @@ def metric_rows(run: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("phantoms")
-    assert (
-        main(["phantoms", "--out", str(root), "--cases", "8", "--size", "24", "--spacing", SPACING_MM]) == 0
-    )
+    assert main(["phantoms", "--out", str(root), "--cases", "8", "--size", "24", "--spacing", SPACING_MM]) == 0
     return root
 
 
@@ -214,9 +212,7 @@ def test_unet_baseline_is_a_predictor(data: Path, unet_run: Path):
     assert np.unique(result.hu.array[result.body_mask.array > 0]).size > 10  # the network's values
 
 
-def test_evaluate_reports_every_method_on_the_held_out_cases(
-    data: Path, ldm_run: Path, unet_run: Path, tmp_path
-):
+def test_evaluate_reports_every_method_on_the_held_out_cases(data: Path, ldm_run: Path, unet_run: Path, tmp_path):
     out = tmp_path / "report"
     args = ["evaluate", "--data", str(data), *SPLIT, "--out", str(out), "--device", "cpu", "--no-figures"]
     args += [
