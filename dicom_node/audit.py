@@ -269,10 +269,11 @@ def event_hash(
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-def row_content_hash(row: EventRow) -> str:
-    """``event_hash`` of a stored row, from its own ``prev_hash`` and content."""
+def row_content_hash(row: Any, prev_hash: str | None = None) -> str:
+    """``event_hash`` of a stored event (an EventRow or a result row with the same columns), from
+    its own ``prev_hash`` or the ``prev_hash`` given (when the chain is being built)."""
     return event_hash(
-        row.prev_hash,
+        (row.prev_hash or "") if prev_hash is None else prev_hash,
         at=row.at,
         kind=row.kind,
         series_id=row.series_id,

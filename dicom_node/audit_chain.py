@@ -36,7 +36,7 @@ from dicom_node.audit import (
     ChainHeadRow,
     EventRow,
     add_event,
-    event_hash,
+    row_content_hash,
     utcnow,
 )
 from dicom_node.config import Config
@@ -93,17 +93,7 @@ def _seal_existing_events(connection: Connection) -> None:
     rows = connection.execute(select(*content, events.c.message, events.c.detail).order_by(events.c.id)).all()
     prev_hash, updates = GENESIS_HASH, []
     for seq, row in enumerate(rows, start=1):
-        row_hash = event_hash(
-            prev_hash,
-            at=row.at,
-            kind=row.kind,
-            series_id=row.series_id,
-            job_id=row.job_id,
-            from_state=row.from_state,
-            to_state=row.to_state,
-            message=row.message,
-            detail=row.detail,
-        )
+        row_hash = row_content_hash(row, prev_hash)
         updates.append({"b_id": row.id, "b_seq": seq, "b_prev": prev_hash, "b_hash": row_hash})
         prev_hash = row_hash
     if updates:
@@ -305,17 +295,7 @@ class _Walker:
 
 
 def _content_hash(row: Any) -> str:
-    return event_hash(
-        row.prev_hash or "",
-        at=row.at,
-        kind=row.kind,
-        series_id=row.series_id,
-        job_id=row.job_id,
-        from_state=row.from_state,
-        to_state=row.to_state,
-        message=row.message,
-        detail=row.detail,
-    )
+    return row_content_hash(row)
 
 
 def _seq_range(first: int, last: int) -> str:
