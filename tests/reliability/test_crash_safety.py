@@ -43,7 +43,7 @@ PHASES = ("reception", "quiet_sweep", "sampling", "writing", "sending")
 SLICES = 20
 QUIET_PERIOD_S = 3.0
 MIN_KILLS = scale(5, 20)
-CYCLE_BUDGET_S = scale(60.0, 900.0)  # kills go on until the budget is spent and every phase was hit
+CYCLE_BUDGET_S = scale(60.0, 300.0)  # kills go on until the budget is spent and every phase was hit
 MAX_CYCLES = scale(24, 80)
 # A scanner retries its queue a while after the node answers again; the node must keep a series
 # that was cut short open for a whole quiet period after its restart (the time it was down was not quiet).

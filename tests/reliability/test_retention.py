@@ -21,7 +21,7 @@ from tests.integration.harness import NodeProcess, node_config, storescu, wait_f
 from tests.reliability.conftest import scale
 
 RETENTION_S = scale(6.0, 30.0)
-HELD_FOR_S = scale(3 * 6.0, 5 * 60.0)  # how long past its retention time the undelivered series is watched
+HELD_FOR_S = scale(3 * 6.0, 2 * 60.0)  # how long past its retention time the undelivered series is watched
 
 
 def _route(name: str, calling_aet: str, destination: str) -> dict:
