@@ -1,13 +1,16 @@
 """Run the reliability tests (issue 5) and write their report: ``make reliability``.
 
-    .venv/bin/python scripts/reliability_report.py [--short] [--output docs/reliability.md] [-- PYTEST ARGS]
+    .venv/bin/python scripts/reliability_report.py [--short] [--output docs/reliability.md]
+                                                   [--results DIR] [-- PYTEST ARGS]
 
 Runs ``pytest tests/reliability`` with ``SCT_RELIABILITY=long`` (the long versions: 20+ kills,
 thousands of fuzzed inputs, 300-slice series from four scanners...; ``--short`` runs the CI sizes)
 and writes a Markdown table: each test, what it did (kills, inputs, series, minutes of outage),
 what it found, its outcome and its duration. The figures come from the tests themselves (the
 ``report`` fixture in tests/reliability/conftest.py), so the table says what was actually run.
-Exit status: pytest's (0 when every test passed).
+``--results DIR`` keeps the raw results (figures.jsonl, one junit XML per run) in DIR and renders
+the report from everything in it, so that the tests can be run in parts (pytest options in ``--opt=value`` form; e.g. ``-- tests/reliability/
+test_fuzz_pdu.py``) into one report. Exit status: pytest's (0 when every test passed).
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ def _nodeid(testcase: ET.Element) -> str:
     return f"{module}::{testcase.get('name', '')}"
 
 
-def _outcomes(junit_path: Path) -> dict[str, tuple[str, float, str]]:
+def _outcomes(junit_paths: list[Path]) -> dict[str, tuple[str, float, str]]:
     outcomes: dict[str, tuple[str, float, str]] = {}
-    for testcase in ET.parse(junit_path).getroot().iter("testcase"):
+    testcases = [case for path in sorted(junit_paths) for case in ET.parse(path).getroot().iter("testcase")]
+    for testcase in testcases:  # a later run of the same test replaces the earlier one
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
             found = testcase.find(tag)
@@ -96,23 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="run the CI sizes instead of the long versions")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "reliability.md")
-    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    parser.add_argument("--results", type=Path, help="keep raw results here and report all of them")
+    parser.add_argument("pytest_args", nargs="*", help="pytest arguments (after --); default: tests/reliability")
     args = parser.parse_args(argv)
     mode = "short" if args.short else "long"
     with tempfile.TemporaryDirectory(prefix="sct-reliability-") as tmp:
-        figures = Path(tmp) / "figures.jsonl"
-        junit = Path(tmp) / "junit.xml"
+        results = args.results or Path(tmp)
+        results.mkdir(parents=True, exist_ok=True)
+        figures = results / "figures.jsonl"
+        junit = results / f"junit-{dt.datetime.now():%Y%m%d-%H%M%S}.xml"
         command = [
             sys.executable,
             "-m",
             "pytest",
-            "tests/reliability",
+            *(args.pytest_args if any(not a.startswith("-") for a in args.pytest_args) else ["tests/reliability"]),
             "-p",
             "no:cacheprovider",
             f"--junitxml={junit}",
             "-o",
             "timeout=7200",
-            *args.pytest_args,
+            *(a for a in args.pytest_args if a.startswith("-")),
         ]
         env = {**os.environ, "SCT_RELIABILITY": mode, "SCT_RELIABILITY_REPORT": str(figures)}
         status = subprocess.call(command, cwd=REPO, env=env)
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             print("pytest wrote no results; no report written", file=sys.stderr)
             return status or 1
         rows = [json.loads(line) for line in figures.read_text().splitlines()] if figures.exists() else []
-        text = render(rows, _outcomes(junit), mode, "make reliability" if mode == "long" else "make reliability-short")
+        outcomes = _outcomes(list(results.glob("junit-*.xml")))
+        text = render(rows, outcomes, mode, "make reliability" if mode == "long" else "make reliability-short")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
     print(f"report written to {args.output}")
