@@ -3,9 +3,11 @@
 A received series becomes a volume only if its instances describe one regular 3D grid: one series,
 one SOP class (MR Image Storage or Enhanced MR Image Storage), one frame of reference, one
 orientation, one image size and pixel spacing, exactly one slice at each position, positions
-evenly spaced along the slice normal with no gaps, and no in-plane drift (shear). Anything else
-(4D dynamic or diffusion series, localizers, incomplete transfers) raises ``SeriesCheckError``
-with a reason written for the physicist who reads the quarantine list.
+evenly spaced along the slice normal with no gaps, no in-plane drift (shear), at least 4 slices
+of at least 4 x 4 pixels, and in every file the pixel data its header describes (present, of the
+size Rows x Columns x BitsAllocated give, encapsulated exactly when the transfer syntax compresses).
+Anything else (4D dynamic or diffusion series, localizers, incomplete transfers, damaged slices)
+raises ``SeriesCheckError`` with a reason written for the physicist who reads the quarantine list.
 
 Geometry follows DICOM and SimpleITK (GDCM's IPP sorter): the grid's x axis is the row direction
 (ImageOrientationPatient[0:3]), y the column direction (IOP[3:6]), z the slice normal x × y;
@@ -35,6 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from dicom_node.errors import LoadError, SeriesCheckError
+from dicom_node.spool import UNDEFINED_LENGTH, HeaderError, pixel_data_length
 from sct_model.volume import Grid, Vec3, Volume
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,11 @@ ACCEPTED_SOP_CLASSES = {
     ENHANCED_MR_IMAGE_STORAGE: "Enhanced MR Image Storage",
 }
 
-MIN_SLICES = 3
+# The smallest volume the sCT models take: their body mask smooths along each axis, which ITK does
+# only with at least 4 voxels (a 3-slice or 3-pixel-wide series passed the checks and then failed
+# its job with an internal error; found by tests/reliability/test_fuzz_dicom.py).
+MIN_SLICES = 4
+MIN_IMAGE_SIZE = 4
 ORIENTATION_TOLERANCE = 1e-3
 PIXEL_SPACING_TOLERANCE_MM = 1e-4
 POSITION_TOLERANCE_MM = 0.01
@@ -128,14 +135,32 @@ def orientation_label(normal: Iterable[float]) -> str:
 def check_series(headers: Sequence[Dataset], paths: Sequence[Path]) -> CheckedSeries:
     """Check that ``headers`` (read from ``paths``, same order) form one regular 3D MR volume.
 
-    Raises SeriesCheckError with the reason when they do not.
+    Raises SeriesCheckError with the reason when they do not, including when an attribute cannot
+    be read at all: pydicom converts values only when they are used, and one with an unknown VR
+    or a value its VR cannot hold raises then. Before, that error escaped the check, and the sweep
+    tried the series again and again, forever RECEIVING (found by tests/reliability/test_fuzz_dicom.py).
     """
     if len(headers) != len(paths):
         raise ValueError(f"{len(headers)} headers but {len(paths)} paths")
+    try:
+        return _check_series(headers, paths)
+    except SeriesCheckError:
+        raise
+    except Exception as exc:  # the same files would fail again: quarantine, with the error
+        log.warning("series check failed on an unreadable attribute", exc_info=True)
+        raise SeriesCheckError(f"a header attribute cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_series(headers: Sequence[Dataset], paths: Sequence[Path]) -> CheckedSeries:
     if not headers:
         raise SeriesCheckError("empty series: no instances")
     sop_class_uid = _check_sop_class(headers)
     series_instance_uid = _single_value(headers, "SeriesInstanceUID", "series")
+    # One study and one patient too: a slice whose StudyInstanceUID or PatientID differs from the
+    # others' (a damaged header; found by tests/reliability/test_fuzz_dicom.py) passed the check and
+    # failed the job in the sCT writer, or would have lent its patient identity to the sCT.
+    _single_value(headers, "StudyInstanceUID", "study")
+    _check_one_patient(headers)
     frame_of_reference_uid = _single_value(headers, "FrameOfReferenceUID", "frame of reference")
     _check_unique_instances(headers)
     frames = [frame for ds, path in zip(headers, paths, strict=True) for frame in _frames_of(ds, Path(path))]
@@ -146,8 +171,14 @@ def check_series(headers: Sequence[Dataset], paths: Sequence[Path]) -> CheckedSe
     ordered = [group[0] for group in groups]
     if len(ordered) < MIN_SLICES:
         raise SeriesCheckError(f"too few slices: {len(ordered)} (a volume needs at least {MIN_SLICES})")
+    if min(ordered[0].rows, ordered[0].columns) < MIN_IMAGE_SIZE:
+        raise SeriesCheckError(
+            f"images too small: {ordered[0].rows} x {ordered[0].columns} pixels "
+            f"(a volume needs at least {MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE})"
+        )
     slice_spacing_mm = _check_slice_spacing(ordered, normal)
     _check_in_plane_drift(ordered, row, column)
+    _check_pixel_data(headers, paths)
     first = ordered[0]
     grid = Grid(
         size=(first.columns, first.rows, len(ordered)),
@@ -199,6 +230,14 @@ def _single_value(headers: Sequence[Dataset], keyword: str, what: str) -> str:
         sizes = " + ".join(str(n) for n in sorted(counts.values(), reverse=True))
         raise SeriesCheckError(f"more than one {what}: {len(counts)} {keyword}s ({sizes} instances)")
     return next(iter(counts))
+
+
+def _check_one_patient(headers: Sequence[Dataset]) -> None:
+    """Every instance names the same patient (PatientID, which may be empty in all of them)."""
+    counts = collections.Counter(str(ds.get("PatientID", "") or "") for ds in headers)
+    if len(counts) > 1:
+        sizes = " + ".join(str(n) for n in sorted(counts.values(), reverse=True))
+        raise SeriesCheckError(f"more than one patient: {len(counts)} PatientIDs ({sizes} instances)")
 
 
 def _check_unique_instances(headers: Sequence[Dataset]) -> None:
@@ -389,6 +428,45 @@ def _check_in_plane_drift(ordered: Sequence[_Frame], row: np.ndarray, column: np
         )
 
 
+def _check_pixel_data(headers: Sequence[Dataset], paths: Sequence[Path]) -> None:
+    """Each file holds the pixel data its header describes: there, encapsulated exactly when its
+    transfer syntax compresses, and otherwise of the size Rows x Columns x BitsAllocated (x frames)
+    make. A slice whose pixels are missing or cut short quarantines its series here, instead of
+    failing the job after routing. Element headers only: no pixel is decoded."""
+    for ds, path in zip(headers, paths, strict=True):
+        where = f"file {Path(path).name}"
+        try:
+            transfer_syntax, length = pixel_data_length(Path(path))
+        except (OSError, HeaderError) as exc:
+            raise SeriesCheckError(f"{where}: the pixel data cannot be read: {exc}") from exc
+        if length is None:
+            raise SeriesCheckError(f"{where}: no pixel data")
+        uid = pydicom.uid.UID(transfer_syntax)
+        if not uid.is_transfer_syntax:
+            raise SeriesCheckError(f"{where}: {transfer_syntax!r:.70} in the file meta is not a transfer syntax")
+        name = uid.name
+        if uid.is_encapsulated:
+            if length != UNDEFINED_LENGTH:
+                raise SeriesCheckError(
+                    f"{where}: the pixel data is not encapsulated although the transfer syntax is {name}"
+                )
+            continue
+        if length == UNDEFINED_LENGTH:
+            raise SeriesCheckError(f"{where}: encapsulated pixel data in {name}, a transfer syntax without compression")
+        if _integer(ds, "SamplesPerPixel", where) != 1:
+            raise SeriesCheckError(f"{where}: SamplesPerPixel is not 1")
+        bits = _integer(ds, "BitsAllocated", where)
+        if bits not in (8, 16, 32):
+            raise SeriesCheckError(f"{where}: BitsAllocated is {bits} (8, 16 or 32 expected)")
+        frames = _integer(ds, "NumberOfFrames", where) if "NumberOfFrames" in ds else 1
+        expected = _integer(ds, "Rows", where) * _integer(ds, "Columns", where) * frames * bits // 8
+        if length != expected + expected % 2:
+            raise SeriesCheckError(
+                f"{where}: {length} bytes of pixel data where Rows x Columns x BitsAllocated"
+                f"{' x NumberOfFrames' if frames > 1 else ''} make {expected}"
+            )
+
+
 def _cluster(frames: Sequence[_Frame], key: Any, tolerance: float) -> list[tuple[tuple[float, ...], list[_Frame]]]:
     """Frames grouped by a vector attribute equal within ``tolerance`` per component, largest group first."""
     clusters: list[tuple[tuple[float, ...], list[_Frame]]] = []
@@ -513,7 +591,10 @@ def _required_macro(per_frame_item: Dataset, shared: Dataset, keyword: str, wher
 def _vector(ds: Dataset, keyword: str, length: int, where: str, *, positive: bool = False) -> tuple[float, ...]:
     value = ds.get(keyword)
     try:
-        numbers = tuple(float(v) for v in value) if value is not None else ()
+        # Numbers as pydicom reads DS or FD values: text or bytes mean the element came with another
+        # VR (found by tests/reliability/test_fuzz_dicom.py), which the sCT writer cannot use either.
+        values = [] if value is None or isinstance(value, str | bytes) else list(value)
+        numbers = () if any(isinstance(v, str | bytes) for v in values) else tuple(float(v) for v in values)
     except (TypeError, ValueError):
         numbers = ()
     if len(numbers) != length or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):

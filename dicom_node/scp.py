@@ -12,6 +12,15 @@ DICOM TLS (:mod:`dicom_node.tls`): a connection without TLS, or without a client
 signed by ``tls.ca_certificates``, fails its handshake before any DICOM is read and is audited
 as ``tls_refused``; the AE title checks above still apply inside TLS.
 
+What pynetdicom 3.0 leaves unbounded on a connection is bounded here (hooks installed on each
+new connection, see :func:`guard_connection` and the functions after it; tests/test_scp.py and
+tests/reliability/test_fuzz_pdu.py hold the behaviour): a PDU declared longer than
+:data:`MAX_PDU_BYTES` is not read, a PDU header or body that does not arrive within
+:data:`PDU_READ_TIMEOUT_S` drops the connection, a connection that ends before its association
+frees its slot at once, an A-ASSOCIATE-RQ pynetdicom fails on and a DIMSE message that is no
+valid request are answered with an A-ABORT instead of silence. Between PDUs pynetdicom's own
+timers apply (ARTIM 30 s before an association, 60 s idle inside one).
+
 Each instance is written to the spool from the raw bytes the sender encoded, never decoded and
 re-encoded: pynetdicom's ``event.encoded_dataset(include_meta=False)`` hands over the dataset as
 received, our own File Meta Information goes in front (:func:`dicom_node.spool.part10_header`)
@@ -55,6 +64,7 @@ Status  Meaning                                     When
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -111,6 +121,14 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 _MIB = 1 << 20
 _ERROR_COMMENT_CHARS = 64  # Error Comment is LO
 _MAX_LISTED_CLASSES = 10
+# What one PDU may cost (see guard_connection): its header, and then its body, must arrive within
+# PDU_READ_TIMEOUT_S (the usual ACSE/ARTIM timeout of DCMTK and pynetdicom), and its declared
+# length must not exceed MAX_PDU_BYTES (a thousand times the 16382-byte maximum the node proposes).
+PDU_READ_TIMEOUT_S = 30.0
+MAX_PDU_BYTES = 16 * _MIB
+_RECV_CHUNK_BYTES = 1 << 20
+_PDU_HEADER_BYTES = 6
+_PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ ... A-ABORT (PS3.8 9.3.1)
 
 
 class Status(IntEnum):
@@ -183,6 +201,8 @@ class StorageSCP:
 
     def _handlers(self) -> list[EventHandlerType]:
         return [
+            (evt.EVT_CONN_OPEN, self._on_connection_open),
+            (evt.EVT_CONN_CLOSE, self._on_connection_close),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -341,6 +361,20 @@ class StorageSCP:
         log.debug("C-ECHO from %s", _calling_aet(event))
         return int(Status.SUCCESS)
 
+    def _on_connection_open(self, event: Event) -> None:
+        try:
+            guard_connection(event.assoc, _address(event))
+            abort_invalid_requests(event.assoc, _address(event))
+            end_with_failed_negotiation(event.assoc, _address(event))
+        except Exception:
+            log.exception("cannot guard a new connection")
+
+    def _on_connection_close(self, event: Event) -> None:
+        try:
+            end_if_unassociated(event.assoc)
+        except Exception:
+            log.exception("cannot end the thread of a connection closed before its association")
+
     def _on_accepted(self, event: Event) -> None:
         try:
             calling_aet = _calling_aet(event)
@@ -467,6 +501,150 @@ def _check_header(header: InstanceHeader, sop_class_uid: str, sop_instance_uid: 
             dataset_sop_class_uid=header.sop_class_uid[:80],
             sop_instance_uid=header.sop_instance_uid,
         )
+
+
+def guard_connection(assoc: Association, address: str) -> None:
+    """Bound the time and the memory one PDU may take on the connection of ``assoc``.
+
+    pynetdicom reads a PDU with a blocking recv() without a time limit, first its 6-byte header
+    and then as many bytes as the header declares. A peer that stops in the middle of a PDU (a
+    crash, a pulled cable, a half-open connection, a client sending half a header or a byte now
+    and then) held its connection thread, and one of ``node.max_associations``, for as long as
+    the connection stayed up: neither pynetdicom's ARTIM timer nor its idle timer can fire while
+    that thread waits in recv(). And a declared length of up to 4 GiB was read into memory.
+
+    Here each of the two reads must complete within PDU_READ_TIMEOUT_S, and a declared length
+    above MAX_PDU_BYTES is not read at all: pynetdicom then closes the connection as it does for
+    a peer that closed it (no association, or an aborted one; nothing half-stored). The socket
+    timeout also bounds a send to a peer that stopped reading.
+    """
+    assoc_socket = assoc.dul.socket
+    if assoc_socket is None or assoc_socket.socket is None:
+        return
+    assoc_socket.socket.settimeout(PDU_READ_TIMEOUT_S)
+    # pynetdicom reads each PDU as recv(6) for its header, then recv(length) for its body (none for
+    # an unknown PDU type), and it reads the next PDU before it acts on the one before: once the
+    # connection is being dropped, or aborted for an unknown PDU type, what follows is read as a
+    # closed connection at once instead of being waited for.
+    state = {"header_next": True, "ended": False}
+
+    def recv(nr_bytes: int) -> bytearray:
+        sock = assoc_socket.socket
+        if sock is None or state["ended"]:
+            return bytearray()
+        try:
+            data = _recv_within(sock, nr_bytes, PDU_READ_TIMEOUT_S)
+        except OSError as exc:
+            state["ended"] = True
+            log.warning("dropping the connection from %s: %s", address, exc)
+            raise
+        if not state["header_next"]:
+            state["header_next"] = True
+        elif len(data) == _PDU_HEADER_BYTES:
+            state["header_next"] = False
+            state["ended"] = data[0] not in _PDU_TYPES
+        return data
+
+    assoc_socket.recv = recv  # type: ignore[method-assign]
+
+
+def abort_invalid_requests(assoc: Association, address: str) -> None:
+    """Abort the association on a DIMSE message that is not a valid request, instead of ignoring it.
+
+    pynetdicom drops such a message with a warning (a C-STORE-RQ without its Affected SOP Instance
+    UID, a C-ECHO-RQ without its SOP Class UID, a response sent to the node), and its sender waited
+    for an answer that never came, holding its association until a timeout. The abort tells it at
+    once that its request was not taken.
+    """
+    serve = assoc._serve_request
+
+    def serve_or_abort(msg: Any, context_id: int) -> None:
+        if msg is not None and not assoc._sent_release and not msg.is_valid_request:
+            log.warning(
+                "aborting the association from %s: a %s message that is not a valid request", address, msg.msg_type
+            )
+            assoc.abort()
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_abort  # type: ignore[method-assign]
+
+
+def end_with_failed_negotiation(assoc: Association, address: str) -> None:
+    """Abort at once when pynetdicom fails on an A-ASSOCIATE-RQ it cannot handle.
+
+    Some malformed requests (found by tests/reliability/test_fuzz_pdu.py) raise inside pynetdicom
+    and leave the peer without an answer: a presentation context ID that is even or 0 fails its
+    connection thread, and the acceptor thread waited for the request for ``acse_timeout`` (30 s),
+    the connection open and its slot taken; a presentation context without a transfer syntax
+    fails the acceptor thread, and the connection stayed open for as long as the peer kept it.
+    Here the peer gets an A-ABORT and the connection is closed.
+    """
+    negotiate = assoc.acse.negotiate_association
+
+    def negotiate_or_abort() -> None:
+        try:
+            negotiate()
+        except Exception as exc:
+            log.warning("aborting the association request from %s, which pynetdicom cannot handle: %r", address, exc)
+            assoc.abort()
+
+    assoc.acse.negotiate_association = negotiate_or_abort  # type: ignore[method-assign]
+    dul = assoc.dul
+    do_action = dul.state_machine.do_action
+
+    def do_action_or_abort(event: str) -> None:
+        try:
+            do_action(event)
+        except Exception as exc:
+            if assoc.is_established:
+                raise  # pynetdicom's acceptor thread sees its connection thread end, and closes
+            # pynetdicom has logged the error and stopped the connection thread (kill_dul)
+            log.warning("aborting the association request from %s, which pynetdicom cannot handle: %r", address, exc)
+            with contextlib.suppress(Exception):
+                dul.socket.send(_A_ABORT_PDU)  # type: ignore[union-attr]
+            end_if_unassociated(assoc)
+
+    dul.state_machine.do_action = do_action_or_abort  # type: ignore[method-assign]
+
+
+_A_ABORT_PDU = bytes.fromhex("07000000000400000000")  # A-ABORT, service-user source, no reason (PS3.8 9.3.8)
+
+
+def end_if_unassociated(assoc: Association) -> None:
+    """Let the thread of a connection closed before any association end with it.
+
+    pynetdicom's acceptor thread waits for the A-ASSOCIATE-RQ for ``acse_timeout`` (30 s) even
+    when its connection is already gone (closed by the peer, aborted for an invalid PDU, dropped by
+    :func:`guard_connection`), and counts towards ``node.max_associations`` all that time: ten
+    port scans, health checks or garbage connections within 30 s locked every scanner out. The
+    thread ends at once on ``None`` in the queue it waits on (what its own timeout gives it).
+    """
+    if not assoc.is_established and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+
+def _recv_within(sock: Any, nr_bytes: int, timeout_s: float) -> bytearray:
+    """``nr_bytes`` from ``sock`` within ``timeout_s``, or fewer when the peer closes (as pynetdicom's recv)."""
+    if nr_bytes > MAX_PDU_BYTES:
+        raise OSError(errno.EMSGSIZE, f"a PDU declared {nr_bytes} bytes long (at most {MAX_PDU_BYTES} are read)")
+    deadline = time.monotonic() + timeout_s
+    data = bytearray()
+    try:
+        while len(data) < nr_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(data)} of {nr_bytes} bytes of a PDU arrived in {timeout_s:g} s")
+            sock.settimeout(remaining)
+            chunk = sock.recv(min(nr_bytes - len(data), _RECV_CHUNK_BYTES))
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError as exc:
+        raise TimeoutError(f"{len(data)} of {nr_bytes} bytes of a PDU arrived in {timeout_s:g} s") from exc
+    finally:
+        sock.settimeout(timeout_s)
+    return data
 
 
 def _calling_aet(event: Event) -> str:

@@ -353,6 +353,46 @@ def source_application_entity_title(path: Path) -> str:
     return bytes(meta.get(0x00020016, b"")).decode("ascii", "replace").strip(" \x00")
 
 
+PIXEL_DATA_TAG = 0x7FE00010
+_IMPLICIT_VR_LITTLE_ENDIAN, _EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+UNDEFINED_LENGTH = _UNDEFINED_LENGTH
+_MAX_INFLATED_BYTES = 4 << 30
+
+
+def pixel_data_length(path: Path) -> tuple[str, int | None]:
+    """(transfer syntax UID, encoded length of the top-level Pixel Data) of a DICOM Part 10 file.
+
+    The length is None when the dataset has no Pixel Data and :data:`UNDEFINED_LENGTH` for
+    encapsulated (compressed) pixel data. Only element headers are walked, as in
+    :func:`read_instance_header`: nothing is decoded. Raises HeaderError when the file cannot be
+    walked to its pixel data (cut short, damaged lengths, unsupported transfer syntax).
+    """
+    data = memoryview(path.read_bytes())
+    transfer_syntax_uid, offset = _read_file_meta(data)
+    if transfer_syntax_uid == _EXPLICIT_VR_BIG_ENDIAN:
+        raise HeaderError("transfer syntax Explicit VR Big Endian is not supported")
+    # Every other transfer syntax (the compressed ones included) is explicit VR little endian.
+    implicit = transfer_syntax_uid == _IMPLICIT_VR_LITTLE_ENDIAN
+    dataset = data[offset:]
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        try:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            dataset = memoryview(inflater.decompress(dataset, _MAX_INFLATED_BYTES))
+        except zlib.error as exc:
+            raise HeaderError(f"cannot inflate the deflated dataset: {exc}") from exc
+        if inflater.unconsumed_tail:
+            raise HeaderError(f"the deflated dataset inflates to more than {_MAX_INFLATED_BYTES >> 30} GiB")
+    _, pos = _scan(dataset, 0, implicit=implicit, wanted=frozenset(), last_tag=PIXEL_DATA_TAG - 1)
+    if pos >= len(dataset):
+        return transfer_syntax_uid, None
+    tag, value_pos, length = _element_header(dataset, pos, implicit)
+    if tag != PIXEL_DATA_TAG:
+        return transfer_syntax_uid, None
+    if length != _UNDEFINED_LENGTH and value_pos + length > len(dataset):
+        raise HeaderError(f"the pixel data ({length} bytes) runs past the end of the file")
+    return transfer_syntax_uid, length
+
+
 def _scan_dataset(data: memoryview, transfer_syntax_uid: str) -> dict[int, memoryview]:
     implicit = _HEADER_SCAN_SYNTAXES.get(transfer_syntax_uid)
     if implicit is None:
@@ -363,6 +403,10 @@ def _scan_dataset(data: memoryview, transfer_syntax_uid: str) -> dict[int, memor
             data = memoryview(inflater.decompress(data, _MAX_INFLATED_HEADER_BYTES))
         except zlib.error as exc:
             raise HeaderError(f"cannot inflate the deflated dataset: {exc}") from exc
+    if _tag_at(data, 0) >> 16 == 0x0002:
+        # File Meta Information belongs in no dataset: in a spooled file it would run on from the
+        # node's own meta, and readers would take the sender's (any transfer syntax) for the file's.
+        raise HeaderError("the dataset starts with File Meta Information elements (group 0002)")
     values, _ = _scan(data, 0, implicit=implicit, wanted=_HEADER_TAG_SET, last_tag=_LAST_HEADER_TAG)
     if 0x00080016 not in values and 0x00080018 not in values:
         # Every composite instance has both; with neither, these bytes are not a dataset at all

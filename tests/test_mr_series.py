@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+import struct
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -194,8 +195,13 @@ def test_enhanced_geometry_matches_highdicom(oblique_pair: tuple[list[Path], lis
             r"axial \[1, 0, 0, 0, 1, 0\] in 4 slices; coronal \[1, 0, 0, 0, 0, -1\] in 4 slices$",
             id="mixed-orientation",
         ),
-        pytest.param(dict(slices=1), r"^too few slices: 1 \(a volume needs at least 3\)$", id="single-slice"),
-        pytest.param(dict(slices=2), r"^too few slices: 2 \(a volume needs at least 3\)$", id="two-slices"),
+        pytest.param(dict(slices=1), r"^too few slices: 1 \(a volume needs at least 4\)$", id="single-slice"),
+        pytest.param(dict(slices=3), r"^too few slices: 3 \(a volume needs at least 4\)$", id="three-slices"),
+        pytest.param(
+            dict(slices=6, rows=3, columns=16),
+            r"^images too small: 3 x 16 pixels \(a volume needs at least 4 x 4\)$",
+            id="three-rows",
+        ),
     ],
 )
 def test_defective_series_are_refused_with_the_reason(
@@ -386,3 +392,138 @@ def test_jpeg_lossless_pixels_are_decoded_with_gdcm(tmp_path: Path) -> None:
         compressed.append(target)
     assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
     np.testing.assert_array_equal(load_mr_volume(_check(compressed)).array, load_mr_volume(_check(paths)).array)
+
+
+# ------------------------------------------------------------------------------------ pixel data vs header
+# Found by tests/reliability/test_fuzz_dicom.py: a slice whose header is sound but whose pixel data
+# is missing, cut short or not what the header says passed the checks, was routed, and failed the
+# job at load; the series check now quarantines it with the reason.
+
+
+def _rewrite_pixels(path: Path, change: dict[str, object], pixel_bytes: bytes | None) -> None:
+    ds = pydicom.dcmread(path)
+    for keyword, value in change.items():
+        setattr(ds, keyword, value)
+    if pixel_bytes is None:
+        del ds.PixelData
+    else:
+        ds.PixelData = pixel_bytes
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    ("change", "pixels", "reason"),
+    [
+        pytest.param({}, None, r": no pixel data$", id="missing"),
+        pytest.param(
+            {}, b"\x00" * 100, r": 100 bytes of pixel data where Rows x Columns x BitsAllocated make 960$", id="short"
+        ),
+        pytest.param({}, b"\x00" * 1920, r": 1920 bytes of pixel data .* make 960$", id="too-long"),
+        pytest.param({"BitsAllocated": 8}, "same", r": 960 bytes of pixel data .* make 480$", id="bits-allocated-8"),
+        pytest.param({"BitsAllocated": 12}, "same", r": BitsAllocated is 12 \(8, 16 or 32 expected\)$", id="bits-12"),
+        pytest.param({"SamplesPerPixel": 0}, "same", r": SamplesPerPixel missing or invalid$", id="samples-0"),
+    ],
+)
+def test_a_slice_whose_pixel_data_does_not_fit_its_header_fails_the_check(
+    tmp_path: Path, change: dict[str, object], pixels: bytes | str | None, reason: str
+) -> None:
+    paths = generate_mr_series(tmp_path, **SMALL)  # 24 x 20 pixels of 16 bits: 960 bytes
+    _check(paths)
+    victim = paths[3]
+    same = pydicom.dcmread(victim).PixelData
+    _rewrite_pixels(victim, change, same if pixels == "same" else pixels)  # type: ignore[arg-type]
+    with pytest.raises(SeriesCheckError, match=rf"^file {victim.name}{reason}"):
+        _check(paths)
+
+
+def test_a_slice_cut_short_in_its_pixel_data_fails_the_check(tmp_path: Path) -> None:
+    paths = generate_mr_series(tmp_path, **SMALL)
+    paths[5].write_bytes(paths[5].read_bytes()[:-10])
+    with pytest.raises(
+        SeriesCheckError, match=rf"^file {paths[5].name}: the pixel data cannot be read: .*past the end"
+    ):
+        _check(paths)
+
+
+def test_native_pixels_labelled_compressed_fail_the_check(tmp_path: Path) -> None:
+    paths = generate_mr_series(tmp_path, **SMALL)
+    data = paths[0].read_bytes()  # the meta says RLE Lossless (same UID length), the bytes stay native
+    assert data.count(b"1.2.840.10008.1.2.1\x00") == 1
+    paths[0].write_bytes(data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.5\x00"))
+    with pytest.raises(SeriesCheckError, match=r"not encapsulated although the transfer syntax is RLE Lossless"):
+        _check(paths)
+
+
+def test_compressed_and_deflated_series_pass_the_pixel_data_check(tmp_path: Path) -> None:
+    paths = generate_mr_series(tmp_path / "raw", **SMALL)
+    for syntax in (
+        pydicom.uid.RLELossless,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+        pydicom.uid.ImplicitVRLittleEndian,
+    ):
+        folder = tmp_path / syntax.name.replace(" ", "_")
+        folder.mkdir()
+        converted = []
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            if syntax == pydicom.uid.RLELossless:
+                ds.compress(syntax)
+            else:
+                ds.file_meta.TransferSyntaxUID = syntax
+            ds.save_as(folder / path.name, enforce_file_format=True)
+            converted.append(folder / path.name)
+        np.testing.assert_array_equal(load_mr_volume(_check(converted)).array, load_mr_volume(_check(paths)).array)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr"),
+    [("PixelSpacing", "UI"), ("ImagePositionPatient", "UI"), ("ImageOrientationPatient", "LO"), ("PixelSpacing", "OB")],
+)
+def test_geometry_sent_with_another_vr_fails_the_check(tmp_path: Path, keyword: str, vr: str) -> None:
+    """Found by tests/reliability/test_fuzz_dicom.py: PixelSpacing sent with VR UI passed the check (its
+    text converts to numbers) and failed the job in the sCT writer, which needs numbers; two bytes of
+    OB passed as two numbers."""
+    paths = generate_mr_series(tmp_path, **SMALL)
+    ds = pydicom.dcmread(paths[2])
+    text = "\\".join(str(v) for v in ds[keyword].value)
+    ds.add_new(ds[keyword].tag, vr, b"\x01\x01" if vr == "OB" else text)  # the same digits, another VR
+    ds.save_as(paths[2], enforce_file_format=True)
+    written = pydicom.dcmread(paths[2])[keyword]
+    assert str(written.VR) == vr
+    with pytest.raises(SeriesCheckError, match=rf"^file {paths[2].name}: {keyword} missing or invalid"):
+        _check(paths)
+
+
+def test_an_attribute_pydicom_cannot_read_fails_the_check(tmp_path: Path) -> None:
+    """Found by tests/reliability/test_fuzz_dicom.py: ImagePositionPatient with the unknown VR "ES"
+    made pydicom raise inside the check; the error escaped it and the sweep retried the series forever."""
+    paths = generate_mr_series(tmp_path, **SMALL)
+    data = paths[4].read_bytes()
+    ipp = struct.pack("<HH", 0x0020, 0x0032) + b"DS"
+    assert data.count(ipp) == 1
+    paths[4].write_bytes(data.replace(ipp, struct.pack("<HH", 0x0020, 0x0032) + b"ES"))
+    headers = read_headers(paths)  # pydicom converts values only when they are used
+    unreadable = r"^a header attribute cannot be read: .*Unknown Value Representation 'ES'"
+    with pytest.raises(SeriesCheckError, match=unreadable):
+        check_series(headers, paths)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("StudyInstanceUID", "1.2.3.4.5.6", r"^more than one study: 2 StudyInstanceUIDs \(7 \+ 1 instances\)$"),
+        ("PatientID", "PHANTOM002", r"^more than one patient: 2 PatientIDs \(7 \+ 1 instances\)$"),
+    ],
+)
+def test_one_slice_of_another_study_or_patient_fails_the_check(
+    tmp_path: Path, keyword: str, value: str, reason: str
+) -> None:
+    """Found by tests/reliability/test_fuzz_dicom.py: a slice whose StudyInstanceUID differed (one
+    digit changed) passed the check and failed the job in the sCT writer; one of another patient
+    passed too."""
+    paths = generate_mr_series(tmp_path, **SMALL)
+    ds = pydicom.dcmread(paths[5])
+    setattr(ds, keyword, value)
+    ds.save_as(paths[5], enforce_file_format=True)
+    with pytest.raises(SeriesCheckError, match=reason):
+        _check(paths)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
+import socket
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +19,7 @@ from typing import Any, cast
 
 import numpy as np
 import pydicom
+import pynetdicom.association
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -33,6 +37,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from sqlalchemy import select
 
+from dicom_node import scp
 from dicom_node.audit import AuditDB, EventRow, InstanceRecorder, InstanceRow, SeriesRow
 from dicom_node.config import Config, load_config, with_overrides
 from dicom_node.scp import StorageSCP
@@ -353,6 +358,43 @@ def test_a_corrupt_dataset_gets_a_failure_and_the_association_goes_on(
 
 
 @pytest.mark.integration
+def test_a_dataset_with_file_meta_in_front_is_refused(
+    start_node: Callable[..., RunningNode], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by tests/reliability/test_fuzz_dicom.py: a sender's group 0002 sent inside the dataset
+    was spooled, and readers of the file took the sender's transfer syntax for the file's."""
+    node = start_node()
+    ds = mr_dataset()
+    encoded = encode(ds, ExplicitVRLittleEndian)
+    sender_meta = encoded[132 : len(encoded) - len(dataset_part(encoded))]
+    garbage_syntax = sender_meta.replace(ExplicitVRLittleEndian.encode(), b"1.2.840.10008.1.2.2")  # big endian
+    for meta in (sender_meta, garbage_syntax):
+        raw = raw_file(
+            tmp_path,
+            sop_class=MRImageStorage,
+            sop_instance=ds.SOPInstanceUID,
+            dataset_bytes=meta + dataset_part(encoded),
+        )
+        # pynetdicom takes every group 0002 element at the start of the file for the meta (and would
+        # not send the dataset's own): it is told where the meta raw_file wrote ends.
+        file_meta = pydicom.dataset.FileMetaDataset()
+        file_meta.MediaStorageSOPClassUID, file_meta.MediaStorageSOPInstanceUID = MRImageStorage, ds.SOPInstanceUID
+        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        offset = len(raw.read_bytes()) - len(meta) - len(dataset_part(encoded))
+        with monkeypatch.context() as patch:
+            patch.setattr(pynetdicom.association, "split_dataset", lambda path, m=file_meta, o=offset: (m, o))
+            (response,) = store(node.port, [raw])
+        assert response.Status == 0xC210
+    (response,) = store(node.port, [ds])  # the same instance without the meta in front
+    assert response.Status == 0x0000
+    assert [path.stem for path in node.spooled_files()] == [ds.SOPInstanceUID]
+    assert node.incoming_files() == []
+    events = node.events("store_refused", at_least=2)
+    assert [e.detail["status"] for e in events] == ["0xC210", "0xC210"]
+    assert "group 0002" in events[0].detail["error"]
+
+
+@pytest.mark.integration
 def test_missing_series_uid_is_refused_and_audited(start_node: Callable[..., RunningNode]) -> None:
     node = start_node()
     (response,) = store(node.port, [mr_dataset(SeriesInstanceUID=None)])
@@ -469,6 +511,246 @@ def test_max_associations(start_node: Callable[..., RunningNode]) -> None:
     first.release()
     (event,) = node.events("association_rejected", at_least=1)
     assert event.detail["reason"] == "too many simultaneous associations"
+
+
+# Found by tests/reliability/test_fuzz_pdu.py: a peer that stopped in the middle of a PDU held its
+# connection (and one of max_associations) for as long as the connection stayed up, and a declared
+# PDU length of 4 GiB was read into memory.
+
+
+def _closed_by_node_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the node closed ``sock`` (reading and dropping whatever it sent first), or None."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "half_pdu",
+    [b"\x01\x00\x00", b"\x01\x00\x00\x00\x01\x00\x00\x01", b"\x07\x00\x00\x00\x00\x04\x00"],
+    ids=["half-a-header", "half-an-associate-rq", "half-an-abort"],
+)
+def test_a_peer_stopping_mid_pdu_is_dropped_and_its_slot_freed(
+    start_node: Callable[..., RunningNode], monkeypatch: pytest.MonkeyPatch, half_pdu: bytes
+) -> None:
+    monkeypatch.setattr(scp, "PDU_READ_TIMEOUT_S", 1.0)
+    node = start_node(node={"max_associations": 1})
+    node.scp._ae.acse_timeout = 2  # how long pynetdicom keeps the slot of a connection that ended before an association
+    with socket.create_connection(("127.0.0.1", node.port)) as stalled:
+        stalled.sendall(half_pdu)
+        waited = _closed_by_node_within(stalled, 10)
+    assert waited is not None and 0.8 < waited < 5, waited
+    deadline = time.monotonic() + 10
+    while node.scp._server is not None and node.scp._server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.1)
+    good = associate(node.port, "SCANNER")
+    assert good.is_established, "the stalled peer's slot was not freed"
+    assert good.send_c_echo().Status == 0x0000
+    good.release()
+
+
+@pytest.mark.integration
+def test_a_peer_stopping_mid_pdu_inside_an_association_is_aborted(
+    start_node: Callable[..., RunningNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scp, "PDU_READ_TIMEOUT_S", 1.0)
+    node = start_node()
+    assoc = associate(node.port, "SCANNER")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    time.sleep(1.5)  # idle between PDUs is not a stall
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.dul.socket.socket.sendall(b"\x04\x00\x00\x00\x01\x00\x00\x00")  # a P-DATA-TF declared 256 bytes long: 2 sent
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted, "the node did not drop the association stalled in the middle of a PDU"
+    again = associate(node.port, "SCANNER")
+    assert again.is_established and again.send_c_echo().Status == 0x0000
+    again.release()
+
+
+@pytest.mark.integration
+def test_connections_closed_before_an_association_free_their_slot_at_once(
+    start_node: Callable[..., RunningNode],
+) -> None:
+    """Found by tests/reliability/test_fuzz_pdu.py: each connection that ended before an association
+    (a port scan, a health check, garbage, an A-ABORT first) kept its slot for the ACSE timeout
+    (30 s), and ten of them locked the scanners out."""
+    node = start_node(node={"max_associations": 2})
+    for first in [b"", b"\xff" * 10, b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00", PDU_HEADER_4_GIB] * 3:
+        with socket.create_connection(("127.0.0.1", node.port)) as sock:
+            sock.sendall(first)
+            if first:  # the node's answer (an A-ABORT) or its close; it waits for the peer to close after an abort
+                sock.settimeout(2)
+                with contextlib.suppress(OSError):
+                    sock.recv(100)
+    deadline = time.monotonic() + 5
+    while node.scp._server is not None and node.scp._server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.scp._server is not None and not node.scp._server.active_associations
+    for _ in range(2):
+        good = associate(node.port, "SCANNER")
+        assert good.is_established, "slots still held by connections that are gone"
+        assert good.send_c_echo().Status == 0x0000
+        good.release()
+
+
+PDU_HEADER_4_GIB = b"\x01\x00\xff\xff\xff\xff"
+
+
+@pytest.mark.integration
+def test_an_empty_data_set_is_refused_and_the_association_goes_on(
+    start_node: Callable[..., RunningNode], tmp_path: Path
+) -> None:
+    """An empty data set travels as a P-DATA-TF whose body is 6 bytes long, the size of a PDU header:
+    the connection guard must not take it for one (found by tests/reliability/test_fuzz_dicom.py)."""
+    node = start_node()
+    empty = raw_file(tmp_path, sop_class=MRImageStorage, sop_instance="1.2.3.4.5", dataset_bytes=b"")
+    good = mr_dataset()
+    responses = store(node.port, [empty, good, empty])
+    assert [r.Status for r in responses] == [0xC210, 0x0000, 0xC210]
+    assert [path.stem for path in node.spooled_files()] == [good.SOPInstanceUID]
+
+
+def _command_p_data(context_id: int, elements: list[tuple[int, bytes]]) -> bytes:
+    """A P-DATA-TF with one whole command set (implicit VR little endian) on ``context_id``, and a
+    small data set when the command announces one."""
+    body = b"".join(struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value for tag, value in elements)
+    command = struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+    pdvs = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
+    if dict(elements).get(0x00000800) == b"\x00\x00":
+        dataset = dataset_part(encode(mr_dataset(), ExplicitVRLittleEndian))
+        pdvs += struct.pack(">LBB", len(dataset) + 2, context_id, 0x02) + dataset
+    return struct.pack(">BBL", 0x04, 0, len(pdvs)) + pdvs
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "elements",
+    [
+        [  # a C-STORE-RQ without its Affected SOP Instance UID
+            (0x00000002, MRImageStorage.encode()),
+            (0x00000100, struct.pack("<H", 0x0001)),
+            (0x00000110, struct.pack("<H", 7)),
+            (0x00000700, struct.pack("<H", 0)),
+            (0x00000800, struct.pack("<H", 0x0000)),
+        ],
+        [(0x00000100, struct.pack("<H", 0x0030)), (0x00000110, struct.pack("<H", 7)), (0x00000800, b"\x01\x01")],
+        [  # a C-ECHO-RSP, sent to the node that sent no request
+            (0x00000002, b"1.2.840.10008.1.1\x00"),
+            (0x00000100, struct.pack("<H", 0x8030)),
+            (0x00000120, struct.pack("<H", 7)),
+            (0x00000800, b"\x01\x01"),
+            (0x00000900, b"\x00\x00"),
+        ],
+    ],
+    ids=["c-store-without-instance-uid", "c-echo-without-sop-class", "c-echo-response"],
+)
+def test_a_dimse_message_that_is_no_valid_request_aborts_the_association(
+    start_node: Callable[..., RunningNode], elements: list[tuple[int, bytes]]
+) -> None:
+    """Found by tests/reliability/test_fuzz_pdu.py: pynetdicom ignored these, and the sender waited
+    for an answer that never came."""
+    node = start_node()
+    ae = AE("SCANNER")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="SCTNODE")
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    assoc.dul.socket.socket.sendall(_command_p_data(context_id, elements))
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted, "the node neither answered nor aborted"
+    assert node.spooled_files() == [] and node.incoming_files() == []
+    again = associate(node.port, "SCANNER")
+    assert again.is_established and again.send_c_echo().Status == 0x0000
+    again.release()
+
+
+def _wait_until_no_association(node: RunningNode, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while node.scp._server is not None and node.scp._server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _associate_rq(context_id: int, transfer_syntaxes: tuple[bytes, ...] = (b"1.2.840.10008.1.2",)) -> bytes:
+    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing Verification with ``context_id``."""
+
+    def item(item_type: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", item_type, 0, len(body)) + body
+
+    syntaxes = item(0x30, b"1.2.840.10008.1.1") + b"".join(item(0x40, syntax) for syntax in transfer_syntaxes)
+    context = item(0x20, bytes([context_id, 0, 0, 0]) + syntaxes)
+    user = item(0x50, item(0x51, struct.pack(">L", 16384)) + item(0x52, IMPLEMENTATION_UID.encode()))
+    body = struct.pack(">HH", 1, 0) + b"SCTNODE".ljust(16) + b"SCANNER".ljust(16) + bytes(32)
+    body += item(0x10, b"1.2.840.10008.3.1.1.1") + context + user
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+@pytest.mark.integration
+def test_an_associate_rq_pynetdicom_cannot_handle_is_aborted_at_once(start_node: Callable[..., RunningNode]) -> None:
+    """Found by tests/reliability/test_fuzz_pdu.py: a presentation context ID of 0 or 2 made pynetdicom's
+    connection thread fail (no answer, the slot taken for the ACSE timeout, 30 s); a presentation context
+    without a transfer syntax made its acceptor thread fail (no answer, the connection open for good)."""
+    node = start_node(node={"max_associations": 1})
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(_associate_rq(1))
+        sock.settimeout(5)
+        assert sock.recv(1)[0] == 0x02  # A-ASSOCIATE-AC: the builder makes a good request
+    for request in (_associate_rq(0), _associate_rq(2), _associate_rq(1, transfer_syntaxes=()), _associate_rq(0)):
+        _wait_until_no_association(node)  # the one before, released, may still be finishing
+        with socket.create_connection(("127.0.0.1", node.port)) as sock:
+            sock.sendall(request)
+            sock.settimeout(5)
+            assert sock.recv(100) == b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # A-ABORT
+            assert _closed_by_node_within(sock, 5) is not None
+        _wait_until_no_association(node)
+        good = associate(node.port, "SCANNER")  # the one slot is free again
+        assert good.is_established and good.send_c_echo().Status == 0x0000
+        good.release()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("garbage", [b"\xff" * 10, b"\x09\x00\x00\x00\x00\x05ab", b"\x00" * 6])
+def test_an_unknown_pdu_type_is_aborted_at_once(start_node: Callable[..., RunningNode], garbage: bytes) -> None:
+    """pynetdicom reads the next PDU before it aborts for an unknown PDU type: with a few bytes more,
+    it waited for the rest of that next PDU (found by tests/reliability/test_fuzz_pdu.py)."""
+    node = start_node()
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(garbage)
+        sock.settimeout(3)
+        assert sock.recv(100) == b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # A-ABORT
+        assert _closed_by_node_within(sock, 3) is not None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("pdu_type", "length", "then"),
+    [(0x01, 0xFFFFFFFF, b"\x00" * 1000), (0x04, 0xFFFFFFFF, b"\x00" * 1000), (0x01, scp.MAX_PDU_BYTES + 1, b"\x00")],
+)
+def test_a_pdu_declared_4_gib_long_is_not_read(
+    start_node: Callable[..., RunningNode], pdu_type: int, length: int, then: bytes
+) -> None:
+    node = start_node()
+    node.scp._ae.acse_timeout = 2
+    with socket.create_connection(("127.0.0.1", node.port)) as huge:
+        huge.sendall(struct.pack(">BBL", pdu_type, 0, length) + then)
+        waited = _closed_by_node_within(huge, 10)
+    assert waited is not None and waited < 2, waited  # at once, not after reading or waiting for 4 GiB
+    assert scp.MAX_PDU_BYTES >= 1000 * 16382
+    good = associate(node.port, "SCANNER")
+    assert good.is_established and good.send_c_echo().Status == 0x0000
+    good.release()
 
 
 # Resources -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import random
 import shutil
 import stat
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -401,6 +402,57 @@ def test_garbage_and_damaged_data_raise_header_error_only() -> None:
         read_instance_header(good, "1.2.840.10008.1.2.2")  # big endian is not accepted
     with pytest.raises(HeaderError):
         read_instance_header(b"\x00" * 200)  # no DICM prefix
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+)
+def test_a_dataset_that_starts_with_file_meta_is_refused(transfer_syntax: str) -> None:
+    """Found by tests/reliability/test_fuzz_dicom.py: a dataset sent with the sender's group 0002 in
+    front was spooled, and in the file that group ran on from the node's meta, so that readers took
+    the sender's transfer syntax (any UID, garbage included) for the file's."""
+    encoded = encode(small_mr(), ExplicitVRLittleEndian)
+    sender_meta = encoded[132 : len(encoded) - len(dataset_part(encoded))]
+    assert sender_meta[:2] == b"\x02\x00"
+    dataset = dataset_part(encode(small_mr(), transfer_syntax))
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        inflated = zlib.decompress(dataset, -zlib.MAX_WBITS)
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        with_meta = compressor.compress(sender_meta + inflated) + compressor.flush()
+    else:
+        with_meta = sender_meta + dataset
+    assert read_instance_header(dataset, transfer_syntax).series_instance_uid == "1.2.3.4"
+    with pytest.raises(HeaderError, match=r"File Meta Information elements \(group 0002\)"):
+        read_instance_header(with_meta, transfer_syntax)
+
+
+# pixel_data_length --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless],
+)
+def test_pixel_data_length_in_every_accepted_transfer_syntax(tmp_path: Path, transfer_syntax: str) -> None:
+    path = tmp_path / "x.dcm"
+    path.write_bytes(encode(small_mr(), transfer_syntax))  # 4 x 4 pixels of 16 bits after sequences
+    expected = spool.UNDEFINED_LENGTH if transfer_syntax == RLELossless else 32
+    assert spool.pixel_data_length(path) == (transfer_syntax, expected)
+
+
+def test_pixel_data_length_without_pixels_and_cut_short(tmp_path: Path) -> None:
+    ds = small_mr()
+    del ds.PixelData
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 4)  # trailing padding after where the pixels would be
+    path = tmp_path / "x.dcm"
+    path.write_bytes(encode(ds, ExplicitVRLittleEndian))
+    assert spool.pixel_data_length(path) == (ExplicitVRLittleEndian, None)
+    path.write_bytes(encode(small_mr(), ExplicitVRLittleEndian)[:-3])
+    with pytest.raises(HeaderError, match=r"the pixel data \(32 bytes\) runs past the end of the file"):
+        spool.pixel_data_length(path)
+    path.write_bytes(encode(small_mr(), ExplicitVRLittleEndian)[:400])
+    with pytest.raises(HeaderError):
+        spool.pixel_data_length(path)
 
 
 # reconcile_spool ------------------------------------------------------------------------------
