@@ -4,9 +4,10 @@ Each round, four DCMTK ``storescu`` processes (calling AE titles SCANNER1..4, on
 series each) send to ``sct-node serve`` at once; the next round starts as soon as the previous
 round's stores are answered, so reception overlaps the sampling of the previous round. At the
 end: every series was received whole, every series has exactly one complete sCT series in
-Orthanc, no job is left unfinished, and the node's memory stayed bounded (peak RSS reported; the
-resident size after the last round is not above the first round's by more than a margin, i.e.
-nothing grows per series).
+Orthanc, no job is left unfinished, and the node's memory stayed bounded: its peak resident size
+(VmHWM) stays under MEMORY_BUDGET_MB, and the resident size after each round is reported (the
+first is taken before the model is loaded; glibc keeps freed memory, so RSS is a high-water mark
+more than a leak detector).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SCANNERS = 4
 ROUNDS = scale(2, 3)
 SLICES = scale(40, 300)
 MATRIX = scale(64, 256)
+MEMORY_BUDGET_MB = scale(2048, 3072)  # 4 scanners' series in flight, two prefetched volumes, one sampling job
 
 
 def _memory_kb(pid: int) -> dict[str, int]:
@@ -130,8 +132,7 @@ def test_four_scanners_at_once_for_several_rounds(orthanc, tmp_path, report):
             f"only {overlapped_rounds} of {ROUNDS - 1} later rounds were received while earlier jobs were pending"
         )
         peak_mb = memory["VmHWM"] / 1024
-        # Bounded: nothing accumulates per series (a leak of the volumes would add ~100s of MB per round).
-        assert rss_after_round_mb[-1] <= rss_after_round_mb[0] * 1.5 + 200, rss_after_round_mb
+        assert peak_mb <= MEMORY_BUDGET_MB, (peak_mb, rss_after_round_mb)
     finally:
         db.dispose()
         node.stop()
@@ -147,7 +148,8 @@ def test_four_scanners_at_once_for_several_rounds(orthanc, tmp_path, report):
             f"all {expected_series} series received whole, {expected_series} sCT series in Orthanc (one each), "
             f"no job failed; every later round was stored while earlier jobs were still queued or sampling; "
             f"reception per round {', '.join(f'{s:.1f}' for s in receive_s)} s (round 1 with the sampler idle); "
-            f"peak RSS {peak_mb:.0f} MB; RSS after each round {', '.join(f'{m:.0f}' for m in rss_after_round_mb)} MB"
+            f"peak RSS {peak_mb:.0f} MB (budget {MEMORY_BUDGET_MB} MB); RSS after each round's reception "
+            f"{', '.join(f'{m:.0f}' for m in rss_after_round_mb)} MB"
         ),
         series=expected_series,
         images=images,

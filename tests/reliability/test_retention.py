@@ -35,7 +35,7 @@ def _route(name: str, calling_aet: str, destination: str) -> dict:
 
 
 def _destination(name: str, port: int) -> dict:
-    return {"name": name, "ae_title": "PLANNING", "host": "127.0.0.1", "port": port, "tls": False}
+    return {"name": name, "ae_title": "PLANNING", "host": "127.0.0.1", "port": port, "tls": False, "associations": 1}
 
 
 def _job_for(db, calling_aet: str) -> JobRow | None:

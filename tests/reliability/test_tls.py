@@ -287,7 +287,14 @@ def test_the_sender_verifies_the_destination_and_presents_the_node_certificate(p
             pacs_port=peers["trusted"].port,
             tls=pki.tls_section(),
             destination=[
-                {"name": name, "ae_title": "PLANNING", "host": "127.0.0.1", "port": peer.port, "tls": True}
+                {
+                    "name": name,
+                    "ae_title": "PLANNING",
+                    "host": "127.0.0.1",
+                    "port": peer.port,
+                    "tls": True,
+                    "associations": 1,
+                }
                 for name, peer in peers.items()
             ],
             route=[{**route, "destinations": list(peers)}],
