@@ -7,10 +7,12 @@ caller (the pipeline's send stage), which records each attempt in the audit data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,34 @@ from dicom_node.config import Destination, TLSConfig
 
 log = logging.getLogger(__name__)
 
-# send_c_store(path) sends the file's encoded bytes as they are, without decoding and re-encoding
-# the dataset (pynetdicom's default decodes the whole file and encodes it again: about 40 % of the
-# sender's time for an sCT slice with 300 source references, and a chance to alter what was
-# written). It needs a presentation context with exactly the file's transfer syntax, which
-# send_series proposes first; a peer that accepts only another syntax gets the decoded dataset.
-_config.STORE_SEND_CHUNKED_DATASET = True
+# While send_series runs, send_c_store(path) sends each file's encoded bytes as they are, without
+# decoding and re-encoding the dataset (pynetdicom's default decodes the whole file and encodes it
+# again: about 40 % of the sender's time for an sCT slice with 300 source references, and a chance
+# to alter what was written). It needs a presentation context with exactly the file's transfer
+# syntax, which send_series proposes first; a peer that accepts only another syntax gets the
+# decoded dataset. pynetdicom's switch is process-wide, so it is on only while a send runs
+# (counted, for parallel associations) and back to its value after.
+_raw_sends_lock = threading.Lock()
+_raw_sends_active = 0
+_raw_sends_saved = False
+
+
+@contextlib.contextmanager
+def _raw_file_sends() -> Iterator[None]:
+    global _raw_sends_active, _raw_sends_saved
+    with _raw_sends_lock:
+        if _raw_sends_active == 0:
+            _raw_sends_saved = _config.STORE_SEND_CHUNKED_DATASET
+            _config.STORE_SEND_CHUNKED_DATASET = True
+        _raw_sends_active += 1
+    try:
+        yield
+    finally:
+        with _raw_sends_lock:
+            _raw_sends_active -= 1
+            if _raw_sends_active == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = _raw_sends_saved
+
 
 WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 
@@ -109,13 +133,14 @@ def send_series(
     count = max(1, min(destination.associations, len(headers)))
     shares = [headers[i::count] for i in range(count)]
     try:
-        if count == 1:
-            outcomes = [_send_share(ae, destination, where, tls_args, timeout_s, shares[0])]
-        else:
-            with ThreadPoolExecutor(count, thread_name_prefix=f"send-{destination.name}") as pool:
-                outcomes = list(
-                    pool.map(lambda share: _send_share(ae, destination, where, tls_args, timeout_s, share), shares)
-                )
+        with _raw_file_sends():
+            if count == 1:
+                outcomes = [_send_share(ae, destination, where, tls_args, timeout_s, shares[0])]
+            else:
+                with ThreadPoolExecutor(count, thread_name_prefix=f"send-{destination.name}") as pool:
+                    outcomes = list(
+                        pool.map(lambda share: _send_share(ae, destination, where, tls_args, timeout_s, share), shares)
+                    )
     finally:
         ae.shutdown()
     problems = [problem for problem, _ in outcomes if problem is not None]

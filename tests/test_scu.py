@@ -121,3 +121,20 @@ def test_files_are_sent_byte_for_byte_and_converted_only_for_a_peer_that_needs_i
         result = _send(files, implicit_only.port, 1)
     assert result.ok and result.sent == len(files), result.message
     assert {syntax for syntax, _ in implicit_only.encoded.values()} == {ImplicitVRLittleEndian}
+
+
+def test_raw_file_sends_are_switched_on_only_while_the_sender_runs(files):
+    from pynetdicom import _config
+
+    assert _config.STORE_SEND_CHUNKED_DATASET is False  # other pynetdicom users in the process are not affected
+    seen: list[bool] = []
+
+    class Probe(RecordingSCP):
+        def _on_store(self, event) -> int:
+            seen.append(_config.STORE_SEND_CHUNKED_DATASET)
+            return super()._on_store(event)
+
+    with Probe() as pacs:
+        assert _send(files, pacs.port, 2).ok
+    assert seen and all(seen)
+    assert _config.STORE_SEND_CHUNKED_DATASET is False
