@@ -9,8 +9,9 @@ and writes a Markdown table: each test, what it did (kills, inputs, series, minu
 what it found, its outcome and its duration. The figures come from the tests themselves (the
 ``report`` fixture in tests/reliability/conftest.py), so the table says what was actually run.
 ``--results DIR`` keeps the raw results (figures.jsonl, one junit XML per run) in DIR and renders
-the report from everything in it, so that the tests can be run in parts (pytest options in ``--opt=value`` form; e.g. ``-- tests/reliability/
-test_fuzz_pdu.py``) into one report. Exit status: pytest's (0 when every test passed).
+the report from everything in it, so that the tests can be run in parts into one report (pytest
+options in ``--opt=value`` form; e.g. ``-- tests/reliability/test_fuzz_pdu.py``). Exit status:
+pytest's (0 when every test passed).
 """
 
 from __future__ import annotations
