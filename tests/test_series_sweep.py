@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
 
 from dicom_node import series
-from dicom_node.audit import AuditDB, ReceivedInstance, SeriesRow, SeriesState, record_instances, utcnow
+from dicom_node.audit import AuditDB, SeriesRow, SeriesState, record_instances, utcnow
+from tests.test_jobs import _instance
 
 
 @pytest.fixture
@@ -18,22 +20,7 @@ def db(tmp_path):
 
 
 def _receive(db: AuditDB, received_at: dt.datetime, uid: str = "1.2.3.4") -> int:
-    instance = ReceivedInstance(
-        sop_instance_uid=uid + ".1",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        series_instance_uid=uid,
-        study_instance_uid="1.2.3",
-        patient_id="P1",
-        patient_name="Doe^Jane",
-        modality="MR",
-        series_description="T1",
-        protocol_name="",
-        calling_aet="SCANNER",
-        path="/x",
-        size_bytes=1,
-        received_at=received_at,
-    )
+    instance = dataclasses.replace(_instance(uid + ".1", uid), received_at=received_at)
     with db.session() as session:
         record_instances(session, [instance])
         return session.query(SeriesRow.id).filter(SeriesRow.series_instance_uid == uid).one()[0]

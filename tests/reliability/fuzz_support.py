@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from dicom_node.audit import JobRow, JobState, SeriesRow, SeriesState
@@ -277,3 +278,25 @@ def check_good_series_done(node: NodeUnderTest, good: GoodTraffic) -> int:
     missing = {uid: (n, delivered.get(uid, 0)) for uid, n in expected.items() if delivered.get(uid, 0) != n or n == 0}
     assert not missing, f"sCT series not (completely) at the destination, expected vs found: {missing}"
     return sum(expected.values())
+
+
+# Recipes: what hypothesis draws in both fuzzers ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to break one input; hypothesis draws these."""
+
+    kind: str
+    params: tuple[tuple[str, Any], ...]
+
+    def get(self, name: str) -> Any:
+        return dict(self.params)[name]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r:.80}" for k, v in self.params)
+        return f"Recipe({self.kind}: {shown})"
+
+
+def recipe(kind: str, **params: Any) -> st.SearchStrategy[Recipe]:
+    return st.fixed_dictionaries(params).map(lambda p: Recipe(kind, tuple(p.items())))

@@ -79,9 +79,11 @@ from dicom_node.synthetic_mr import generate_mr_series
 from tests.reliability.conftest import LONG, scale
 from tests.reliability.fuzz_support import (
     GoodTraffic,
+    Recipe,
     check_good_series_done,
     leftover_temp_files,
     node_under_test,
+    recipe,
     series_outcomes,
     wait_until_settled,
 )
@@ -208,25 +210,6 @@ def deflate(data: bytes) -> bytes:
 
 
 # Recipes: what hypothesis draws -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How to break one slice; hypothesis draws these (the UIDs are made fresh for every input)."""
-
-    kind: str
-    params: tuple[tuple[str, Any], ...]
-
-    def get(self, name: str) -> Any:
-        return dict(self.params)[name]
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={v!r:.80}" for k, v in self.params)
-        return f"Recipe({self.kind}: {shown})"
-
-
-def recipe(kind: str, **params: Any) -> st.SearchStrategy[Recipe]:
-    return st.fixed_dictionaries(params).map(lambda p: Recipe(kind, tuple(p.items())))
 
 
 ANY_INDEX = st.integers(0, 10**6)  # an element or offset, taken modulo what the slice has

@@ -58,9 +58,11 @@ from dicom_node.scp import MAX_PDU_BYTES, PDU_READ_TIMEOUT_S
 from tests.reliability.conftest import LONG, scale
 from tests.reliability.fuzz_support import (
     GoodTraffic,
+    Recipe,
     check_good_series_done,
     leftover_temp_files,
     node_under_test,
+    recipe,
     wait_until_settled,
 )
 
@@ -198,23 +200,6 @@ def pdu_complete(data: bytes) -> bool:
 
 
 # Recipes --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recipe:
-    kind: str
-    params: tuple[tuple[str, Any], ...]
-
-    def get(self, name: str) -> Any:
-        return dict(self.params)[name]
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{k}={v!r:.80}" for k, v in self.params)
-        return f"Recipe({self.kind}: {shown})"
-
-
-def recipe(kind: str, **params: Any) -> st.SearchStrategy[Recipe]:
-    return st.fixed_dictionaries(params).map(lambda p: Recipe(kind, tuple(p.items())))
 
 
 ANY = st.integers(0, 10**6)
