@@ -35,6 +35,7 @@ class NodeConfig:
     uid_root: str
     max_associations: int
     tls: str = "off"  # "off" or "required" (TLS_MODES)
+    source_references: str = "compact"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,8 @@ class Config:
 
 MODEL_METHODS = ("diffusion", "bulk_density")
 TLS_MODES = ("off", "required")
+# How the sCT references its MR (node.source_references; sct_writer.build_ct_series explains both).
+SOURCE_REFERENCE_FORMS = ("compact", "full")
 TLS_KEYS = ("certificate", "private_key", "ca_certificates")
 
 T = TypeVar("T")
@@ -292,6 +295,11 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         ),
         max_associations=t.get("max_associations", int, _positive),
         tls=t.get("tls", str, lambda v: None if v in TLS_MODES else f"must be one of {', '.join(TLS_MODES)}"),
+        source_references=t.get(
+            "source_references",
+            str,
+            lambda v: None if v in SOURCE_REFERENCE_FORMS else f"must be one of {', '.join(SOURCE_REFERENCE_FORMS)}",
+        ),
     )
     t.finish()
 

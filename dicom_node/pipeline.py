@@ -24,7 +24,7 @@ from dicom_node.audit import AuditDB, JobRow, JobState, SendRow, add_event, utcn
 from dicom_node.config import Config
 from dicom_node.errors import SctNodeError
 from dicom_node.mr_series import check_series, load_mr_volume, read_headers
-from dicom_node.sct_writer import build_ct_series, write_series
+from dicom_node.sct_writer import build_sct_series, write_series
 from dicom_node.series import CheckedSeriesCache, series_instance_paths
 from sct_model.result import SCTPredictor, SCTResult
 from sct_model.volume import axial_grid_covering
@@ -112,7 +112,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         timings["sampling"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        datasets = build_ct_series(
+        sct_series = build_sct_series(
             headers,
             result.hu,
             info=result.info,
@@ -121,10 +121,11 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
             seed=seed,
             series_instance_uid=sct_series_uid,
             uid_root=ctx.config.node.uid_root,
+            source_references=ctx.config.node.source_references,
             created=created_at.replace(tzinfo=dt.UTC).astimezone(),  # local time; a re-run writes identical files
         )
         outbox = ctx.job_outbox(job_id)
-        write_series(datasets, outbox)
+        write_series(sct_series, outbox)
         uncertainty = _write_uncertainty(result, outbox.with_name(outbox.name + "_uncertainty.mha"))
         timings["writing"] = time.perf_counter() - started
     except Exception as exc:  # noqa: BLE001 - the one place a stage's failure becomes a FAILED job
@@ -137,7 +138,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         info = result.info
         job.model_name, job.model_version = info.model_name, info.model_version
         job.checkpoint_sha256, job.device = info.checkpoint_sha256, info.device
-        job.sct_instance_count = len(datasets)
+        job.sct_instance_count = len(sct_series)
         job.output_dir = str(outbox)
         job.timings_s = {**job.timings_s, **{k: round(v, 3) for k, v in timings.items()}}
         job.timings_s.update({f"sampler.{k}": round(v, 3) for k, v in result.timings_s.items()})
@@ -147,13 +148,13 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
             session,
             job,
             JobState.SENDING,
-            f"sCT written: {len(datasets)} axial slices by {info.model_name} ({info.method}, {info.device})",
+            f"sCT written: {len(sct_series)} axial slices by {info.model_name} ({info.method}, {info.device})",
             timings_s=job.timings_s,
         )
     log.info(
         "job %d: %d sCT slices written in %.1f s (sampling %.1f s)",
         job_id,
-        len(datasets),
+        len(sct_series),
         sum(timings.values()),
         timings["sampling"],
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 
@@ -91,8 +92,14 @@ def set_tcp_nodelay(assoc: Any) -> None:
 
 
 def _sop_uids(path: Path) -> tuple[str, str, str]:
-    meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-    return str(meta.SOPClassUID), str(meta.SOPInstanceUID), str(meta.file_meta.TransferSyntaxUID)
+    """SOP Class, SOP Instance and transfer syntax UIDs from the file meta information only (the
+    writer fills its Media Storage UIDs from the dataset's): a tenth of the time of reading the
+    dataset's header, whose references to the MR can be tens of kilobytes."""
+    meta = read_file_meta_info(path)
+    if "MediaStorageSOPClassUID" in meta and "MediaStorageSOPInstanceUID" in meta and "TransferSyntaxUID" in meta:
+        return str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)
+    header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    return str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.file_meta.TransferSyntaxUID)
 
 
 def send_series(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import io
 import logging
 import os
 import shutil
@@ -260,18 +261,57 @@ def test_labelled_synthetic_with_reproducible_derivation(built: Built) -> None:
 
 
 def test_every_mr_instance_is_referenced(built: Built) -> None:
+    """Compact form (the default): the MR series once, with its purpose; every MR instance in the
+    Source Image Sequence, items without a per-item purpose; no Common Instance Reference list."""
+    mr = built.mr_headers[0]
     mr_uids = {str(h.SOPInstanceUID) for h in built.mr_headers}
     for ds in (built.written[0], built.written[-1]):
+        (related,) = ds.RelatedSeriesSequence
+        assert (related.StudyInstanceUID, related.SeriesInstanceUID) == (mr.StudyInstanceUID, mr.SeriesInstanceUID)
+        (purpose,) = related.PurposeOfReferenceCodeSequence
+        assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+            "121323",
+            "DCM",
+            "Source series for image processing operation",
+        )
         assert len(ds.SourceImageSequence) == len(built.mr_headers)
         assert {str(item.ReferencedSOPInstanceUID) for item in ds.SourceImageSequence} == mr_uids
         for item in ds.SourceImageSequence:
-            assert item.ReferencedSOPClassUID == built.mr_headers[0].SOPClassUID
-            purpose = item.PurposeOfReferenceCodeSequence[0]
+            assert item.ReferencedSOPClassUID == mr.SOPClassUID
+            assert "PurposeOfReferenceCodeSequence" not in item
+        assert "ReferencedSeriesSequence" not in ds
+
+
+def test_full_references_add_item_purposes_and_the_referenced_series_sequence(built: Built, tmp_path: Path) -> None:
+    mr = built.mr_headers[0]
+    mr_uids = {str(h.SOPInstanceUID) for h in built.mr_headers}
+    hu = built.hu
+    compact = build(built.mr_headers, hu)
+    full = build(built.mr_headers, hu, source_references="full")
+    assert [ds.SOPInstanceUID for ds in full] == [ds.SOPInstanceUID for ds in compact]
+    for ds in full:
+        assert ds.RelatedSeriesSequence[0].SeriesInstanceUID == mr.SeriesInstanceUID
+        assert {str(item.ReferencedSOPInstanceUID) for item in ds.SourceImageSequence} == mr_uids
+        for item in ds.SourceImageSequence:
+            (purpose,) = item.PurposeOfReferenceCodeSequence
             assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("121322", "DCM")
             assert purpose.CodeMeaning == "Source image for image processing operation"
         (series,) = ds.ReferencedSeriesSequence
-        assert series.SeriesInstanceUID == built.mr_headers[0].SeriesInstanceUID
+        assert series.SeriesInstanceUID == mr.SeriesInstanceUID
         assert {str(item.ReferencedSOPInstanceUID) for item in series.ReferencedInstanceSequence} == mr_uids
+    # The point of the compact form: the same facts in a much smaller header.
+    header_bytes = [len(_encoded(ds)) - len(ds.PixelData) for ds in (compact[0], full[0])]
+    assert header_bytes[0] * 2 < header_bytes[1], header_bytes
+    full[0].save_as(tmp_path / "full.dcm", enforce_file_format=True)
+    assert not error_lines(dciodvfy(tmp_path / "full.dcm"))
+    with pytest.raises(WriterError, match="source_references"):
+        build(built.mr_headers, hu, source_references="some")
+
+
+def _encoded(ds: pydicom.FileDataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def test_equipment_says_sct_node_and_the_model(built: Built) -> None:
@@ -377,6 +417,27 @@ def test_sop_instance_uids_are_deterministic_and_distinct(built: Built) -> None:
     assert [str(ds.SOPInstanceUID) for ds in again] == uids
     other_series = build(built.mr_headers, built.hu, series_instance_uid=SCT_SERIES_UID + "2")
     assert not set(uids) & {str(ds.SOPInstanceUID) for ds in other_series}
+
+
+def test_series_files_are_pydicoms_encoding_of_each_slice(built: Built, tmp_path: Path) -> None:
+    """The node writes an SCTSeries (shared elements encoded once); each file must be exactly what
+    pydicom writes for that slice's dataset, and what build_ct_series' datasets give."""
+    for references in ("compact", "full"):
+        series = sct_writer.build_sct_series(
+            built.mr_headers, built.hu, info=INFO, steps=50, samples=4, seed=1234,
+            series_instance_uid=SCT_SERIES_UID, created=CREATED, source_references=references,
+        )  # fmt: skip
+        assert len(series) == built.hu.grid.size[2]
+        for index in range(len(series)):
+            assert series.encoded(index) == _encoded(series.dataset(index)), (references, index)
+        if references == "compact":
+            paths = write_series(series, tmp_path / references)
+            assert [path.name for path in paths] == [path.name for path in built.paths]
+            for written_by_series, written_by_datasets in zip(paths, built.paths, strict=True):
+                assert written_by_series.read_bytes() == written_by_datasets.read_bytes(), written_by_series.name
+    changed = series.dataset(0)
+    changed.SeriesDescription = "changed"
+    assert series.dataset(0).SeriesDescription != "changed"  # a dataset is a copy, never the series' state
 
 
 def test_rebuild_with_same_inputs_is_byte_identical(built: Built, tmp_path: Path) -> None:

@@ -51,12 +51,11 @@ def check_sct_series(
         assert ds.FrameOfReferenceUID == mr.FrameOfReferenceUID
         referenced = {str(item.ReferencedSOPInstanceUID) for item in ds.SourceImageSequence}
         assert referenced == mr_sop_uids
-        purposes = {
-            (c.CodeValue, c.CodingSchemeDesignator)
-            for item in ds.SourceImageSequence
-            for c in item.PurposeOfReferenceCodeSequence
-        }
-        assert purposes == {("121322", "DCM")}
+        (related,) = ds.RelatedSeriesSequence  # the MR series, with why (compact references: the default)
+        assert related.SeriesInstanceUID == mr.SeriesInstanceUID
+        assert related.StudyInstanceUID == mr.StudyInstanceUID
+        purpose = related.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("121323", "DCM")
         equipment = ds.ContributingEquipmentSequence[0]
         assert (
             equipment.PurposeOfReferenceCodeSequence[0].CodeValue,
