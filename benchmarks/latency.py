@@ -5,7 +5,8 @@ separate the node's own time from the PACS's ingest time; ``--associations N`` s
 parallel associations (destination.associations).
 
     .venv/bin/python benchmarks/latency.py [--slices 300] [--runs 3] [--quiet-period 2] [--method bulk_density]
-                                           [--associations 1]
+                                           [--associations 1] [--pacs orthanc|storescp]
+                                           [--source-references compact|full]
 
 Runs ``sct-node serve`` (a subprocess, as in production) and Orthanc on free ports, sends a
 ``--slices`` MR series built from the GE series of ../shared/data with DCMTK storescu, and polls
@@ -84,7 +85,13 @@ def _port_open(port: int) -> bool:
 
 
 def one_run(
-    workdir: Path, series_dir: Path, quiet_period_s: float, method: str, associations: int, pacs_kind: str
+    workdir: Path,
+    series_dir: Path,
+    quiet_period_s: float,
+    method: str,
+    associations: int,
+    pacs_kind: str,
+    source_references: str = "compact",
 ) -> dict[str, float]:
     receiver = OrthancPACS(workdir / "orthanc") if pacs_kind == "orthanc" else StoreSCP(workdir)
     with receiver as pacs:
@@ -102,6 +109,7 @@ def one_run(
                 }
             ],
             series={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.25},
+            node={"source_references": source_references},
             model={"method": method},
         )
         node = NodeProcess(config).start()
@@ -159,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pacs", default="orthanc", choices=("orthanc", "storescp"), help="the receiver (storescp: node's own time)"
     )
+    parser.add_argument(
+        "--source-references",
+        default="compact",
+        choices=("compact", "full"),
+        help="node.source_references: how each sCT slice references the MR (full: DESIGN.md's literal form)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sct-latency-") as tmp:
         root = Path(tmp)
@@ -167,7 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for index in range(args.runs):
             runs.append(
-                one_run(root / f"run{index}", series_dir, args.quiet_period, args.method, args.associations, args.pacs)
+                one_run(
+                    root / f"run{index}",
+                    series_dir,
+                    args.quiet_period,
+                    args.method,
+                    args.associations,
+                    args.pacs,
+                    args.source_references,
+                )
             )
             print(
                 f"run {index + 1}: total {runs[-1]['total']:.2f} s, overhead {runs[-1]['overhead']:.2f} s", flush=True
@@ -176,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Latency, last MR instance received -> last sCT instance stored in {args.pacs} ({args.method}, "
         f"{args.associations} association{'s' if args.associations > 1 else ''}, "
+        f"{args.source_references} references, "
         f"{int(runs[0]['slices_in'])} MR slices -> {int(runs[0]['slices_out'])} sCT slices, median of {args.runs})"
     )
     print(f"machine: {machine()}")
