@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicom_node import jobs, scu
 from dicom_node.audit import AuditDB, JobRow, JobState, SendRow, add_event, utcnow
@@ -208,6 +208,9 @@ def send_job(ctx: PipelineContext, job_id: int) -> None:
         )
         pending = [name for name in job.destinations if name not in delivered]
         outbox, attempt = Path(job.output_dir), job.send_attempts + 1
+        # Audited attempts are numbered across manual resends (a resend restarts the retry count,
+        # not the history): attempt 4 after three failed ones, not a second "attempt 1".
+        numbered = (session.scalar(select(func.max(SendRow.attempt)).where(SendRow.job_id == job_id)) or 0) + 1
         expected = job.sct_instance_count
     files = sorted(outbox.glob("*.dcm"))
     attempts: list[SendAttempt] = []
@@ -215,7 +218,7 @@ def send_job(ctx: PipelineContext, job_id: int) -> None:
         started_at, started = utcnow(), time.perf_counter()
         result = _send_to(ctx, name, files, expected, outbox)
         attempts.append(SendAttempt(result, started_at, time.perf_counter() - started))
-    _record_send(ctx, job_id, attempt, attempts)
+    _record_send(ctx, job_id, attempt, numbered, attempts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +244,11 @@ def _send_to(ctx: PipelineContext, name: str, files: list[Path], expected: int, 
     )
 
 
-def _record_send(ctx: PipelineContext, job_id: int, attempt: int, attempts: list[SendAttempt]) -> None:
+def _record_send(
+    ctx: PipelineContext, job_id: int, attempt: int, numbered: int, attempts: list[SendAttempt]
+) -> None:
+    """Audit one attempt: ``attempt`` counts towards sender.max_attempts (from 1 again after a manual
+    resend), ``numbered`` is its number in the job's history."""
     with ctx.db.session() as session:
         job = session.get(JobRow, job_id)
         assert job is not None
@@ -252,7 +259,7 @@ def _record_send(ctx: PipelineContext, job_id: int, attempt: int, attempts: list
                 SendRow(
                     job_id=job_id,
                     destination=result.destination,
-                    attempt=attempt,
+                    attempt=numbered,
                     started_at=item.started_at,
                     finished_at=utcnow(),
                     ok=result.ok,
@@ -268,7 +275,7 @@ def _record_send(ctx: PipelineContext, job_id: int, attempt: int, attempts: list
                 job_id=job_id,
                 detail={
                     "destination": result.destination,
-                    "attempt": attempt,
+                    "attempt": numbered,
                     "ok": result.ok,
                     "seconds": round(item.seconds, 3),
                 },

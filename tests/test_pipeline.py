@@ -179,6 +179,12 @@ def test_destination_refusing_gets_retries_then_failed_then_resend_delivers(tmp_
                 assert jobs.request_resend(session, job.id) == JobState.SENDING
             job = _wait_job(node, states=(JobState.DONE,))
             assert len(list(good.folder.glob("*.dcm"))) == job.sct_instance_count
+        with node.db.reading() as session:  # the history numbers attempts across the resend
+            rows = session.scalars(select(SendRow).where(SendRow.job_id == job.id).order_by(SendRow.id)).all()
+            assert [(row.attempt, row.ok) for row in rows] == [
+                *((n, False) for n in range(1, config.sender.max_attempts + 1)),
+                (config.sender.max_attempts + 1, True),
+            ]
     finally:
         node.stop()
         refusing.stop()
