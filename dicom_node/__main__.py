@@ -13,6 +13,7 @@ from pathlib import Path
 from dicom_node import __version__
 from dicom_node.config import DEFAULT_CONFIG_PATH, Config, load_config
 from dicom_node.errors import ConfigError, JobStateError, StorageInUseError
+from dicom_node.text_safety import SafeLogFormatter
 
 log = logging.getLogger("dicom_node")
 
@@ -72,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    # Every log line that starts at the margin is a real record; peers' text cannot forge one.
+    handler.setFormatter(SafeLogFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     # pynetdicom logs every PDU at INFO and, at DEBUG, dataset contents (patient names): keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     # Interval ticks that find the task still busy are routine here ("skipped: maximum number of

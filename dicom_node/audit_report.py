@@ -12,6 +12,7 @@ from sqlalchemy import case, func, or_, select
 
 from dicom_node.audit import AuditDB, EventRow, InstanceRow, JobRow, SendRow, SeriesRow
 from dicom_node.config import Config
+from dicom_node.text_safety import escape_controls
 
 
 def open_existing(config: Config) -> AuditDB | None:
@@ -29,7 +30,7 @@ def _when(value: dt.datetime | None) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[str(c) for c in headers]] + [[escape_controls(str(c), keep_newlines=False) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -162,7 +163,8 @@ def describe_job(db: AuditDB, job_id: int) -> str | None:
             lines.append(
                 f"    {event.at.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}  {event.kind:<15} {change:<24} {event.message}"
             )
-        return "\n".join(lines)
+        # One line per fact: text from scanners (names, descriptions, messages) cannot add or hide lines.
+        return "\n".join(escape_controls(line, keep_newlines=False) for line in lines)
 
 
 def print_job(config: Config, job_id: int) -> int:

@@ -244,9 +244,7 @@ def _send_to(ctx: PipelineContext, name: str, files: list[Path], expected: int, 
     )
 
 
-def _record_send(
-    ctx: PipelineContext, job_id: int, attempt: int, numbered: int, attempts: list[SendAttempt]
-) -> None:
+def _record_send(ctx: PipelineContext, job_id: int, attempt: int, numbered: int, attempts: list[SendAttempt]) -> None:
     """Audit one attempt: ``attempt`` counts towards sender.max_attempts (from 1 again after a manual
     resend), ``numbered`` is its number in the job's history."""
     with ctx.db.session() as session:

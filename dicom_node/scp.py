@@ -258,7 +258,7 @@ class StorageSCP:
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         for assoc in server.active_associations:
-            log.warning("aborting the association from %s at shutdown", assoc.requestor.ae_title)
+            log.warning("aborting the association from %s at shutdown", printable_ae_title(assoc.requestor.ae_title))
             assoc.abort()
         log.info("DICOM listener %s stopped", self._config.node.ae_title)
 
@@ -648,12 +648,21 @@ def _recv_within(sock: Any, nr_bytes: int, timeout_s: float) -> bytearray:
 
 
 def _calling_aet(event: Event) -> str:
-    return str(event.assoc.requestor.ae_title or "").strip()
+    return printable_ae_title(event.assoc.requestor.ae_title)
 
 
 def _called_aet(event: Event) -> str:
     primitive = event.assoc.requestor.primitive
-    return str(getattr(primitive, "called_ae_title", "") or "").strip()
+    return printable_ae_title(getattr(primitive, "called_ae_title", ""))
+
+
+def printable_ae_title(value: object) -> str:
+    """An AE title as the peer sent it, stripped, with anything outside printable ASCII escaped
+    (``\\x1b``, ``\\n``...): AE titles go into logs, the audit trail and ``audit show`` on a terminal,
+    and a peer must not be able to forge log lines or send terminal escape codes through them.
+    Valid AE titles (the DICOM default repertoire without control characters) are unchanged."""
+    text = str(value or "").strip()
+    return "".join(c if " " <= c <= "~" and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _address(event: Event) -> str:
