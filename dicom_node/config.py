@@ -8,6 +8,7 @@ falling back to a default. Relative paths are resolved against the configuration
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
 import ssl
 import tomllib
@@ -476,6 +477,10 @@ def _tls_config(base: Path, values: Mapping[str, str], users: list[str]) -> TLSC
         config.client_context()
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tls: cannot build the TLS contexts: {exc}") from exc
+    if users:  # in use: an expired certificate would fail every handshake, scanners' and PACS's alike
+        problem = _tls.certificate_dates(certificate).problem(dt.datetime.now(dt.UTC))
+        if problem:
+            raise ConfigError(f"tls.certificate: {certificate} is {problem}; {users[0]} needs a valid one")
     return config
 
 

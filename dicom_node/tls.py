@@ -16,6 +16,8 @@ connection closed before any DICOM is read.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 import socket
 import ssl
@@ -33,6 +35,37 @@ log = logging.getLogger(__name__)
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 HANDSHAKE_TIMEOUT_S = 30.0
 _PROBE_READ_S = 2.0
+
+
+EXPIRY_WARNING_DAYS = 30  # the node warns (log and audit) this long before its certificate expires
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateDates:
+    """The validity period of a certificate (UTC)."""
+
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    def problem(self, now: dt.datetime) -> str | None:
+        """Why the certificate cannot be used at ``now`` (every TLS handshake would fail), or None."""
+        if now >= self.not_after:
+            return f"expired on {self.not_after:%Y-%m-%d %H:%M} UTC"
+        if now < self.not_before:
+            return f"not valid before {self.not_before:%Y-%m-%d %H:%M} UTC"
+        return None
+
+    def days_left(self, now: dt.datetime) -> float:
+        return (self.not_after - now).total_seconds() / 86400.0
+
+
+def certificate_dates(certificate: Path) -> CertificateDates:
+    """The validity period of the first certificate of a PEM file (the node's own; the others are
+    its chain). Raises ValueError for a file without a PEM certificate."""
+    from cryptography import x509  # only where TLS is configured
+
+    first = x509.load_pem_x509_certificates(certificate.read_bytes())[0]
+    return CertificateDates(first.not_valid_before_utc, first.not_valid_after_utc)
 
 
 def no_password() -> str:
