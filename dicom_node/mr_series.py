@@ -36,7 +36,8 @@ import SimpleITK as sitk  # noqa: N813
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicom_node.errors import LoadError, SeriesCheckError
+from dicom_node import sct_writer
+from dicom_node.errors import LoadError, SeriesCheckError, WriterError
 from dicom_node.spool import UNDEFINED_LENGTH, HeaderError, pixel_data_length
 from sct_model.volume import Grid, Vec3, Volume
 
@@ -179,6 +180,10 @@ def _check_series(headers: Sequence[Dataset], paths: Sequence[Path]) -> CheckedS
     slice_spacing_mm = _check_slice_spacing(ordered, normal)
     _check_in_plane_drift(ordered, row, column)
     _check_pixel_data(headers, paths)
+    try:
+        sct_writer.check_source_headers(headers)  # what the sCT will copy from the MR can be copied
+    except WriterError as exc:
+        raise SeriesCheckError(str(exc)) from exc
     first = ordered[0]
     grid = Grid(
         size=(first.columns, first.rows, len(ordered)),

@@ -406,6 +406,37 @@ def write_series(datasets: SCTSeries | Sequence[FileDataset], out_dir: Path) -> 
 # --- input checks -----------------------------------------------------------------------------------
 
 
+# MR attributes the writer puts into the sCT besides the patient and study modules.
+_COPIED_SERIES_KEYWORDS = (
+    "SpecificCharacterSet", "SeriesNumber", "PatientPosition", "BodyPartExamined", "Laterality",
+    "PositionReferenceIndicator", "LossyImageCompression", "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod", *SCANNER_KEYWORDS,
+)  # fmt: skip
+
+
+def check_source_headers(mr_headers: Sequence[pydicom.Dataset]) -> None:
+    """Raise WriterError when the writer could not build an sCT from ``mr_headers``: not one MR
+    series with its identifying UIDs, or an attribute it copies into the sCT that cannot be read
+    or written (an unknown VR, a value its VR cannot hold: pydicom converts values only when used).
+
+    The series check calls this, so that such a series is quarantined with the reason when it
+    closes, instead of failing its job in the writer after sampling.
+    """
+    mr = _checked_mr_headers(mr_headers)[0]  # the header build_sct_series copies from
+    keywords = [*PATIENT_LEVEL_KEYWORDS, *_COPIED_SERIES_KEYWORDS]
+    try:
+        encodings = convert_encodings(_text_encoding(mr))
+    except Exception as exc:
+        raise WriterError(f"the MR's SpecificCharacterSet cannot be used: {exc}") from exc
+    for keyword in keywords:
+        if keyword not in mr:
+            continue
+        try:
+            _encoded_element(copy.deepcopy(mr[keyword]), encodings)
+        except Exception as exc:
+            raise WriterError(f"the MR's {keyword} cannot be copied into the sCT: {type(exc).__name__}: {exc}") from exc
+
+
 def _checked_mr_headers(mr_headers: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     """The MR headers sorted by (InstanceNumber, SOPInstanceUID), after checking they form one series."""
     if not mr_headers:

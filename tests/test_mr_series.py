@@ -508,6 +508,21 @@ def test_an_attribute_pydicom_cannot_read_fails_the_check(tmp_path: Path) -> Non
         check_series(headers, paths)
 
 
+def test_an_attribute_only_the_sct_copies_fails_the_check_when_unreadable(tmp_path: Path) -> None:
+    """The check reads the geometry; the sCT writer copies the patient and study modules: with a
+    value its VR cannot hold there (PatientName as FD, 12 bytes), the series passed the check and its
+    job failed in the writer, after sampling. Now the series is quarantined when it closes, with
+    the attribute named."""
+    paths = generate_mr_series(tmp_path, **SMALL)
+    name = struct.pack("<HH", 0x0010, 0x0010) + b"PN"
+    for path in paths:
+        data = path.read_bytes()
+        assert data.count(name) == 1
+        path.write_bytes(data.replace(name, struct.pack("<HH", 0x0010, 0x0010) + b"FD"))
+    with pytest.raises(SeriesCheckError, match=r"^the MR's PatientName cannot be copied into the sCT: BytesLength"):
+        check_series(read_headers(paths), paths)
+
+
 @pytest.mark.parametrize(
     ("keyword", "value", "reason"),
     [
