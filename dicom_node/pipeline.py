@@ -188,15 +188,6 @@ def _fail(ctx: PipelineContext, job_id: int, exc: BaseException, timings: dict[s
         jobs.transition(session, job, JobState.FAILED, message)
 
 
-def send_due_jobs(ctx: PipelineContext) -> int:
-    """Send every SENDING job whose next attempt is due (a scheduler task)."""
-    with ctx.db.session() as session:
-        due = jobs.jobs_due_for_sending(session)
-    for job_id in due:
-        send_job(ctx, job_id)
-    return len(due)
-
-
 def send_job(ctx: PipelineContext, job_id: int) -> None:
     """One send attempt to each destination that has not yet received the whole series."""
     with ctx.db.session() as session:

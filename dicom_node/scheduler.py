@@ -3,8 +3,10 @@
 - ``sweep`` (default executor): closes quiet series, creates jobs, wakes the runner;
 - ``runner`` (the ``sampler`` executor, one thread per worker: one job at a time per GPU or CPU
   worker): runs QUEUED jobs, wakes the sender after each;
-- ``sender`` (the ``sender`` executor): sends SENDING jobs whose attempt is due (retries with
-  backoff are due times in the database, so they survive restarts);
+- ``sender``: hands each SENDING job whose attempt is due (retries with backoff are due times in
+  the database, so they survive restarts) to a pool of send threads, one job per thread at a time
+  (``SendDispatcher``): a slow or unreachable destination holds its own job's thread, not the
+  delivery of the other jobs;
 - ``retention`` (hourly, or at a tenth of the retention time when that is shorter): deletes spool
   and outbox of delivered series past their retention time;
 - ``certificate`` (at start, then daily, when TLS is in use): warns in the log and the audit trail
@@ -14,6 +16,7 @@ Reception never waits for any of these: the SCP runs in pynetdicom's own threads
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import logging
 import threading
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node import pipeline, retention, series, tls
+from dicom_node import jobs, pipeline, retention, series, tls
 from dicom_node.audit import AuditDB, add_event, utcnow
 from dicom_node.config import Config
 from dicom_node.pipeline import PipelineContext
@@ -33,6 +36,7 @@ RUNNER_INTERVAL_S = 1.0
 SENDER_INTERVAL_S = 1.0
 RETENTION_INTERVAL_S = 3600.0
 CERTIFICATE_INTERVAL_S = 86400.0
+SEND_THREADS = 4  # jobs sent at the same time (each to its destinations in turn)
 
 
 def retention_interval_s(retention_days: float) -> float:
@@ -51,7 +55,6 @@ class NodeScheduler:
             executors={
                 "default": ThreadPoolExecutor(2),
                 "sampler": ThreadPoolExecutor(workers),
-                "sender": ThreadPoolExecutor(1),
             },
             job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
             timezone=dt.UTC,
@@ -59,8 +62,13 @@ class NodeScheduler:
         # Made right after the listener started (Node.start): the quiet period of a series left
         # RECEIVING by a crash or a stop counts from here, not from its last instance.
         self.listening_since = utcnow()
+        self.sends = SendDispatcher(ctx, SEND_THREADS)
         self._busy: dict[str, int] = {}
         self._busy_lock = threading.Lock()
+        # APScheduler's shutdown holds its job store lock while it waits for running tasks, and
+        # wake() needs that lock: a task waking another one during shutdown waited forever.
+        self._wake_lock = threading.Lock()
+        self._stopping = False
         self._limits = {"sweep": 1, "runner": workers, "sender": 1, "retention": 1, "certificate": 1}
         interval_s = {
             "sweep": ctx.config.series.sweep_interval_s,
@@ -72,11 +80,11 @@ class NodeScheduler:
         tasks: dict[str, Callable[[], object]] = {
             "sweep": self._sweep,
             "runner": self._run,
-            "sender": lambda: pipeline.send_due_jobs(ctx),
+            "sender": self.sends.dispatch_due,
             "retention": lambda: retention.clean(ctx.config, ctx.db),
             "certificate": lambda: check_certificate(ctx.config, ctx.db, dt.datetime.now(dt.UTC)),
         }
-        executor = {"runner": "sampler", "sender": "sender"}
+        executor = {"runner": "sampler"}
         for name, task in tasks.items():
             self.scheduler.add_job(
                 self._guarded(name, task),
@@ -92,7 +100,10 @@ class NodeScheduler:
         self.scheduler.start()
 
     def shutdown(self, wait: bool = True) -> None:
+        with self._wake_lock:  # after this, wake() does nothing (a wake in progress has finished)
+            self._stopping = True
         self.scheduler.shutdown(wait=wait)
+        self.sends.shutdown(wait=wait)
 
     def wake(self, name: str) -> None:
         """Run a task now instead of at its next tick (unless all its instances are busy: a busy
@@ -100,10 +111,13 @@ class NodeScheduler:
         with self._busy_lock:
             if self._busy.get(name, 0) >= self._limits[name]:
                 return
-        try:
-            self.scheduler.modify_job(name, next_run_time=dt.datetime.now(dt.UTC))
-        except Exception:  # the scheduler is shutting down
-            log.debug("could not wake %s", name, exc_info=True)
+        with self._wake_lock:
+            if self._stopping:
+                return
+            try:
+                self.scheduler.modify_job(name, next_run_time=dt.datetime.now(dt.UTC))
+            except Exception:  # not started, or already shut down
+                log.debug("could not wake %s", name, exc_info=True)
 
     def _guarded(self, name: str, task: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
@@ -125,6 +139,57 @@ class NodeScheduler:
 
     def _run(self) -> None:
         pipeline.run_queued_jobs(self.ctx, after_each=lambda: self.wake("sender"))
+
+
+class SendDispatcher:
+    """Sends the due SENDING jobs on ``threads`` threads, never one job on two threads at once.
+
+    ``dispatch_due`` (the sender tick, and ``wake("sender")``) only hands jobs over and returns:
+    a job whose destination answers slowly, or not at all until its timeout, keeps one thread
+    busy while the others deliver the other jobs. A job is sent again only after its attempt has
+    been recorded (its next attempt is then a due time in the database, as before).
+    """
+
+    def __init__(self, ctx: PipelineContext, threads: int) -> None:
+        self.ctx = ctx
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="send")
+        self._in_flight: set[int] = set()
+        self._lock = threading.Lock()
+
+    def dispatch_due(self) -> int:
+        """Hand every due job that is not being sent to the pool; returns how many were handed over."""
+        with self.ctx.db.reading() as session:
+            due = jobs.jobs_due_for_sending(session)
+        handed = 0
+        for job_id in due:
+            with self._lock:
+                if job_id in self._in_flight:
+                    continue
+                self._in_flight.add(job_id)
+            try:
+                self._pool.submit(self._send, job_id)
+            except RuntimeError:  # the pool is shutting down: the job stays due for the next start
+                with self._lock:
+                    self._in_flight.discard(job_id)
+                break
+            handed += 1
+        return handed
+
+    def in_flight(self) -> set[int]:
+        with self._lock:
+            return set(self._in_flight)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    def _send(self, job_id: int) -> None:
+        try:
+            pipeline.send_job(self.ctx, job_id)
+        except Exception:  # recorded nothing: the job is still due and the next tick tries again
+            log.exception("sending job %d failed", job_id)
+        finally:
+            with self._lock:
+                self._in_flight.discard(job_id)
 
 
 def check_certificate(config: Config, db: AuditDB, now: dt.datetime) -> str | None:

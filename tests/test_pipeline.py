@@ -5,6 +5,8 @@ that reports an uncertainty, one that fails)."""
 from __future__ import annotations
 
 import dataclasses
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +190,66 @@ def test_destination_refusing_gets_retries_then_failed_then_resend_delivers(tmp_
     finally:
         node.stop()
         refusing.stop()
+
+
+def test_a_slow_destination_does_not_hold_up_the_delivery_of_other_jobs(tmp_path):
+    """One sender thread sent the due jobs one after another: a research archive taking seconds per
+    instance held up the planning PACS's next sCT. Sends now run per job, in parallel."""
+    slow = FileStoreSCP(tmp_path / "slow", ae_title="ARCHIVE")
+    slow_store = slow._on_store
+
+    def slow_on_store(event):  # type: ignore[no-untyped-def]
+        time.sleep(0.5)
+        return slow_store(event)
+
+    slow._on_store = slow_on_store  # type: ignore[method-assign]
+    slow.start()
+    fast = FileStoreSCP(tmp_path / "fast").start()
+    config = _config(tmp_path, fast.port)
+    route = config.routes[0]
+    config = with_overrides(
+        config,
+        destinations=(
+            Destination("planning_pacs", "PLANNING", "127.0.0.1", fast.port),
+            Destination("archive", "ARCHIVE", "127.0.0.1", slow.port),
+        ),
+        routes=(
+            dataclasses.replace(
+                route, name="t1-archive", description_pattern=re.compile("T1"), destinations=("archive",)
+            ),
+            dataclasses.replace(
+                route, name="t2-planning", description_pattern=re.compile("T2"), destinations=("planning_pacs",)
+            ),
+        ),  # fmt: skip
+    )
+    node = Node(config)
+    node.start()
+    try:
+        _send(node, generate_mr_series(tmp_path / "t1", slices=16, rows=16, columns=16,
+                                       series_description="T1 3D", protocol_name="T1"))  # fmt: skip
+
+        def job_of(route_name: str) -> tuple[str, int] | None:
+            """(state, sCT instance count) of the route's job, or None before it exists."""
+            with node.db.reading() as session:
+                job = session.scalars(select(JobRow).where(JobRow.route_name == route_name)).first()
+                return None if job is None else (job.state, job.sct_instance_count)
+
+        def in_state(route_name: str, state: str) -> tuple[str, int] | None:
+            job = job_of(route_name)
+            return job if job is not None and job[0] == state else None
+
+        wait_for(lambda: in_state("t1-archive", JobState.SENDING), 60, "the T1 sCT sending to the archive")
+        _send(node, generate_mr_series(tmp_path / "t2", slices=8, rows=16, columns=16,
+                                       series_description="T2 TSE", protocol_name="T2", patient_id="P2"))  # fmt: skip
+        _, delivered_count = wait_for(lambda: in_state("t2-planning", JobState.DONE), 60, "the T2 sCT delivered")
+        assert in_state("t1-archive", JobState.SENDING), "the T2 sCT waited for the archive"
+        assert len(list(fast.folder.glob("*.dcm"))) == delivered_count
+        _, archived_count = wait_for(lambda: in_state("t1-archive", JobState.DONE), 60, "the T1 sCT archived")
+        assert len(list(slow.folder.glob("*.dcm"))) == archived_count
+    finally:
+        node.stop()
+        slow.stop()
+        fast.stop()
 
 
 def test_not_routed_series_is_audited_with_the_reason(tmp_path, pacs):
