@@ -14,7 +14,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -132,7 +132,12 @@ class Orthanc:
 
 
 class FileStoreSCP:
-    """A minimal storage SCP (pynetdicom) that writes what it receives to ``folder`` (a fallback PACS)."""
+    """A minimal storage SCP (pynetdicom) that writes what it receives to ``folder`` (a fallback PACS).
+
+    Subclasses change what a C-STORE does by overriding ``_on_store`` (tests/reliability/faulty_pacs.py).
+    """
+
+    timeout_s: float | None = None  # ACSE, DIMSE and network timeouts (None: pynetdicom's defaults)
 
     def __init__(self, folder: Path, *, ae_title: str = "PLANNING", port: int | None = None) -> None:
         self.folder = Path(folder)
@@ -146,10 +151,12 @@ class FileStoreSCP:
         target.write_bytes(event.encoded_dataset())
         return 0x0000
 
-    def start(self) -> FileStoreSCP:
+    def start(self) -> Self:
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
+        if self.timeout_s is not None:
+            ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = self.timeout_s
         self._server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
@@ -160,7 +167,7 @@ class FileStoreSCP:
             self._server.shutdown()
             self._server = None
 
-    def __enter__(self) -> FileStoreSCP:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from dicom_node.peers import free_port
+from dicom_node.peers import FileStoreSCP
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -35,7 +34,11 @@ class Offer:
     at: float  # time.monotonic() when the answer was given
 
 
-class FaultyPACS:
+class FaultyPACS(FileStoreSCP):
+    """peers.FileStoreSCP with faults; files under ``folder/<series UID>/<SOP UID>.dcm``."""
+
+    timeout_s = 60.0
+
     def __init__(
         self,
         folder: Path,
@@ -47,9 +50,7 @@ class FaultyPACS:
         refuse_status: int = OUT_OF_RESOURCES,
         delay_s: float = 0.0,
     ) -> None:
-        self.folder = Path(folder)
-        self.ae_title = ae_title
-        self.port = port or free_port()
+        super().__init__(folder, ae_title=ae_title, port=port)
         self._lock = threading.Lock()
         self._refuse_every = refuse_every
         self._refuse_uids = set(refuse_uids)
@@ -57,7 +58,6 @@ class FaultyPACS:
         self._delay_s = delay_s
         self._per_association: dict[int, int] = collections.defaultdict(int)
         self.offers: list[Offer] = []
-        self._server: Any = None
 
     # --- behaviour, switchable while running ---------------------------------------------------
 
@@ -114,27 +114,6 @@ class FaultyPACS:
         with self._lock:
             self.offers.append(Offer(sop_uid, series_uid, status, time.monotonic()))
         return status
-
-    def start(self) -> FaultyPACS:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
-        ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 60
-        self._server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-    def __enter__(self) -> FaultyPACS:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def sop_instance_uid(path: Path) -> str:
