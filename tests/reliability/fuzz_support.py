@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -27,6 +29,7 @@ from dicom_node.audit import JobRow, JobState, SeriesRow, SeriesState
 from dicom_node.peers import FileStoreSCP
 from dicom_node.synthetic_mr import generate_mr_series
 from tests.integration.harness import NodeProcess, node_config, require_binary, wait_for
+from tests.reliability.conftest import LONG
 
 QUIET_PERIOD_S = 1.5
 GOOD_SLICES = 6
@@ -300,3 +303,39 @@ class Recipe:
 
 def recipe(kind: str, **params: Any) -> st.SearchStrategy[Recipe]:
     return st.fixed_dictionaries(params).map(lambda p: Recipe(kind, tuple(p.items())))
+
+
+# Under `make reliability` (long) a random seed unless SCT_FUZZ_SEED is set; printed either way.
+FUZZ_SEED = int(os.environ.get("SCT_FUZZ_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+
+
+def run_fuzzer(
+    one_input: Callable[[Recipe], None],
+    recipes: st.SearchStrategy[Recipe],
+    explicit: Iterable[Recipe],
+    inputs: int,
+) -> None:
+    """``one_input`` on every ``explicit`` recipe, then on ``inputs`` recipes drawn by hypothesis:
+    derandomized in CI (the same inputs every run), seeded with FUZZ_SEED in long mode. A failing
+    input is shrunk and printed as its recipe."""
+
+    @settings(
+        max_examples=inputs,
+        deadline=None,
+        derandomize=not LONG,
+        database=None,
+        phases=(Phase.explicit, Phase.generate, Phase.shrink),
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
+    @given(recipe=recipes)
+    def fuzz(recipe: Recipe) -> None:
+        one_input(recipe)
+
+    for recipe_ in explicit:
+        fuzz = example(recipe=recipe_)(fuzz)
+    print(f"\nfuzz seed {'derandomized' if not LONG else FUZZ_SEED}, {inputs} inputs drawn", flush=True)
+    if LONG:
+        seed(FUZZ_SEED)(fuzz)()
+    else:
+        fuzz()

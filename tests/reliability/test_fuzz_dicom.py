@@ -46,7 +46,6 @@ import collections
 import copy
 import io
 import os
-import random
 import struct
 import time
 import zlib
@@ -55,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from hypothesis import HealthCheck, Phase, example, given, note, seed, settings
+from hypothesis import note
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -78,18 +77,19 @@ from dicom_node.spool import is_valid_uid, part10_header
 from dicom_node.synthetic_mr import generate_mr_series
 from tests.reliability.conftest import LONG, scale
 from tests.reliability.fuzz_support import (
+    FUZZ_SEED,
     GoodTraffic,
     Recipe,
     check_good_series_done,
     leftover_temp_files,
     node_under_test,
     recipe,
+    run_fuzzer,
     series_outcomes,
     wait_until_settled,
 )
 
 INPUTS = int(os.environ.get("SCT_FUZZ_INPUTS", "0")) or scale(250, 3000)  # drawn, after EXPLICIT_RECIPES
-FUZZ_SEED = int(os.environ.get("SCT_FUZZ_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.9.3811.3.0.4"
 TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless)
 REFUSALS = {0xA900, 0xC210, 0xC220, 0xC221}  # the statuses a malformed dataset may get (scp.py)
@@ -662,16 +662,6 @@ def test_malformed_c_stores_are_refused_or_accounted_for(tmp_path: Path, report:
             case.status = status
             return status
 
-        @settings(
-            max_examples=INPUTS,
-            deadline=None,
-            derandomize=not LONG,
-            database=None,
-            phases=(Phase.explicit, Phase.generate, Phase.shrink),
-            suppress_health_check=list(HealthCheck),
-            print_blob=True,
-        )
-        @given(recipe=RECIPES)
         def one_input(recipe: Recipe) -> None:
             series = factory.fresh_series()
             case = materialize(recipe, series.slice(BROKEN))
@@ -693,15 +683,9 @@ def test_malformed_c_stores_are_refused_or_accounted_for(tmp_path: Path, report:
                     assert answer == SUCCESS, f"a good neighbour slice got {answer}"
                     case.neighbours.append(str(neighbour.SOPInstanceUID))
 
-        for explicit in EXPLICIT_RECIPES:
-            one_input = example(recipe=explicit)(one_input)
-        print(f"\nfuzz seed {'derandomized' if not LONG else FUZZ_SEED}, {INPUTS} inputs drawn", flush=True)
         started = time.monotonic()
         try:
-            if LONG:
-                seed(FUZZ_SEED)(one_input)()
-            else:
-                one_input()
+            run_fuzzer(one_input, RECIPES, EXPLICIT_RECIPES, INPUTS)
         finally:
             good.stop()
             sender.close()

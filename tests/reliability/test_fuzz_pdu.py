@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import os
-import random
 import socket
 import struct
 import threading
@@ -50,24 +49,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, example, given, note, seed, settings
+from hypothesis import note
 from hypothesis import strategies as st
 from pynetdicom import AE
 
 from dicom_node.scp import MAX_PDU_BYTES, PDU_READ_TIMEOUT_S
 from tests.reliability.conftest import LONG, scale
 from tests.reliability.fuzz_support import (
+    FUZZ_SEED,
     GoodTraffic,
     Recipe,
     check_good_series_done,
     leftover_temp_files,
     node_under_test,
     recipe,
+    run_fuzzer,
     wait_until_settled,
 )
 
 INPUTS = int(os.environ.get("SCT_FUZZ_INPUTS", "0")) or scale(600, 6000)
-FUZZ_SEED = int(os.environ.get("SCT_FUZZ_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
 ANSWER_S = 10.0  # a complete PDU gets its answer (or the connection closed) within this
 DWELL_S = 0.2  # how long a client that sent an incomplete PDU stays before closing
 DIMSE_ANSWER_S = 2.0  # inside an association: the wait for a DIMSE answer before releasing anyway
@@ -652,16 +652,6 @@ def test_malformed_pdus_get_an_answer_or_a_closed_connection(tmp_path: Path, rep
         echo_ae.add_requested_context("1.2.840.10008.1.1")
         echoes: list[bool] = []
 
-        @settings(
-            max_examples=INPUTS,
-            deadline=None,
-            derandomize=not LONG,
-            database=None,
-            phases=(Phase.explicit, Phase.generate, Phase.shrink),
-            suppress_health_check=list(HealthCheck),
-            print_blob=True,
-        )
-        @given(recipe=RECIPES)
         def one_input(recipe: Recipe) -> None:
             case = plan(recipe)
             plans.append(case)
@@ -677,15 +667,9 @@ def test_malformed_pdus_get_an_answer_or_a_closed_connection(tmp_path: Path, rep
                     assoc.release()
                 assert ok, "a good C-ECHO failed among the malformed PDUs"
 
-        for explicit in EXPLICIT_RECIPES:
-            one_input = example(recipe=explicit)(one_input)
-        print(f"\nfuzz seed {'derandomized' if not LONG else FUZZ_SEED}, {INPUTS} inputs drawn", flush=True)
         started = time.monotonic()
         try:
-            if LONG:
-                seed(FUZZ_SEED)(one_input)()
-            else:
-                one_input()
+            run_fuzzer(one_input, RECIPES, EXPLICIT_RECIPES, INPUTS)
         finally:
             fuzz_s = time.monotonic() - started
             wait_for_drops(stalled, STALL_LIMIT_S)
