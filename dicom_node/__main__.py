@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check the events' hash chain: OK (exit 0), or each edited, missing, inserted, reordered event"
     )
     _add_config(verify)
+    restore = audit_commands.add_parser(
+        "restore-head",
+        help="re-create a deleted chain head when every event still verifies (the node cannot add events without it)",
+    )
+    _add_config(restore)
 
     demo = commands.add_parser("demo", help="end-to-end demo: node + receiving PACS on free ports, one MR series")
     demo.add_argument("--input", type=Path, default=None, help="a folder of real MR DICOM files (default: generated)")
@@ -160,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dicom_node import audit_chain
 
             return audit_chain.print_verify(config)
+        if args.audit_command == "restore-head":
+            from dicom_node import audit_chain
+
+            return audit_chain.print_restore_head(config)
         return audit_report.print_job(config, args.job)
     if args.command == "demo":
         from dicom_node import demo

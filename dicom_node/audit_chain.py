@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import datetime as dt
 import logging
+import sys
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, delete, func, insert, inspect, or_, select, text
@@ -387,3 +388,59 @@ def print_verify(config: Config) -> int:
     if len(report.problems) > _MAX_PRINTED:
         print(f"  ... and {len(report.problems) - _MAX_PRINTED} more")
     return 1
+
+
+HEAD_RESTORED_KIND = "audit_chain_head_restored"
+
+
+def restore_head(db: AuditDB) -> str:
+    """Re-create a deleted chain head, when nothing else is wrong: the node cannot add events without it.
+
+    Raises AuditChainError (with verify's findings) unless the head is missing and every event
+    still verifies. The new head names the newest event, and an ``audit_chain_head_restored`` event
+    records the repair. What this cannot prove: whether events at the end of the chain were deleted
+    together with the head; compare with a head hash recorded elsewhere (``audit verify`` prints it).
+    """
+    report = verify_chain(db)
+    if report.head_seq is not None:
+        raise AuditChainError("the chain head is present: nothing to restore (run `sct-node audit verify`)")
+    others = [problem for problem in report.problems if problem.event_id is not None]
+    if others:
+        raise AuditChainError(
+            f"the chain head is missing and {len(others)} event(s) fail verification too; not restoring "
+            "(restore the audit database from a backup). First: " + "; ".join(str(p) for p in others[:3])
+        )
+    with db.session() as session:
+        if session.get(ChainHeadRow, CHAIN_HEAD_ID) is not None:
+            raise AuditChainError("the chain head was restored meanwhile by another process")
+        newest = session.execute(
+            select(EventRow.seq, EventRow.row_hash).where(EventRow.seq.is_not(None)).order_by(EventRow.seq.desc())
+        ).first()
+        seq, head_hash = (newest.seq, newest.row_hash) if newest is not None else (0, GENESIS_HASH)
+        session.add(ChainHeadRow(id=CHAIN_HEAD_ID, seq=seq, head_hash=head_hash, updated_at=utcnow()))
+        session.flush()
+        message = (
+            f"audit chain head restored at event seq {seq} (sha256 {head_hash}) after it was found missing; "
+            f"the {report.events} events before it verify, but events deleted from the end of the chain "
+            "together with the head cannot be detected: compare with a head hash recorded elsewhere"
+        )
+        add_event(session, HEAD_RESTORED_KIND, message, detail={"seq": seq, "head_hash": head_hash})
+    log.warning("%s", message)
+    return message
+
+
+def print_restore_head(config: Config) -> int:
+    """``sct-node audit restore-head``: 0 when restored, 1 when not (with why)."""
+    from dicom_node.audit_report import open_existing
+
+    db = open_existing(config)
+    if db is None:
+        return 1
+    try:
+        print(restore_head(db))
+        return 0
+    except AuditChainError as exc:
+        print(f"sct-node audit restore-head: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()

@@ -306,6 +306,41 @@ def test_a_deleted_chain_head_is_detected_and_stops_appends(db: AuditDB, db_path
         reopened.dispose()
 
 
+def test_a_deleted_chain_head_is_restored_only_when_every_event_verifies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(_config_file(tmp_path))
+    db_path = tmp_path / "node" / "audit.sqlite"
+    db = AuditDB(f"sqlite:///{db_path}")
+    try:
+        ids = _append(db, 5)
+        assert main(["audit", "restore-head", "--config", config]) == 1  # the head is there
+        assert "nothing to restore" in capsys.readouterr().err
+        _raw(db_path, ("DELETE FROM audit_chain_head", ()), ("UPDATE events SET message = 'x' WHERE id = ?", (ids[2],)))
+        assert main(["audit", "restore-head", "--config", config]) == 1  # an edited event too: a backup's job
+        assert "1 event(s) fail verification too" in capsys.readouterr().err
+        assert _problems(db) == [("edited", ids[2]), ("missing", None)]
+
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        fresh_config = str(_config_file(fresh))
+        fresh_db = AuditDB(f"sqlite:///{fresh / 'node' / 'audit.sqlite'}")
+        _append(fresh_db, 5)
+        _raw(fresh / "node" / "audit.sqlite", ("DELETE FROM audit_chain_head", ()))
+        assert main(["audit", "restore-head", "--config", fresh_config]) == 0
+        assert "audit chain head restored at event seq 5" in capsys.readouterr().out
+        with fresh_db.session() as session:  # events can be added again, and the repair is one of them
+            add_event(session, "test", "chained again")
+        report = verify_chain(fresh_db)
+        assert report.ok and report.events == 7 and report.head_seq == 7, report.problems
+        with fresh_db.reading() as session:
+            kinds = list(session.scalars(select(EventRow.kind).order_by(EventRow.seq)))
+        assert kinds[-2:] == ["audit_chain_head_restored", "test"]
+        fresh_db.dispose()
+    finally:
+        db.dispose()
+
+
 def test_swapped_positions_are_detected_as_reordered(db: AuditDB, db_path: Path) -> None:
     ids = _append(db, 8)
     _raw(
