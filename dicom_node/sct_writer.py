@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -217,7 +218,15 @@ class SCTSeries:
     shared: tuple[DataElement | RawDataElement, ...]  # in tag order
     text_encoding: str | list[str]
     full_references: bool
-    _encoded_shared: tuple[tuple[BaseTag, bytes], ...] = dataclasses.field(repr=False)
+
+    @functools.cached_property
+    def _encodings(self) -> list[str]:
+        return convert_encodings(self.text_encoding)
+
+    @functools.cached_property
+    def _encoded_shared(self) -> tuple[tuple[BaseTag, bytes], ...]:
+        """(tag, bytes) of each shared element, encoded once for all slices."""
+        return tuple((element.tag, _encoded_element(element, self._encodings)) for element in self.shared)
 
     def __len__(self) -> int:
         return self.hu.grid.size[2]
@@ -226,30 +235,26 @@ class SCTSeries:
         return f"CT_{index + 1:04d}.dcm"
 
     def dataset(self, index: int) -> FileDataset:
-        ds = FileDataset("", Dataset(), file_meta=self._file_meta(index), preamble=b"\0" * 128)
+        own = self._own_elements(index)
+        ds = FileDataset("", Dataset(), file_meta=self._file_meta(own.SOPInstanceUID), preamble=b"\0" * 128)
         # Each slice gets its own element objects (a shallow copy of each; sequences as immutable raw
         # bytes), so that changing one slice never changes another.
         for element in self.shared:
             ds[element.tag] = element if isinstance(element, RawDataElement) else _own_copy(element)
         # Lets pydicom write the raw references as they are (it would decode them for another encoding).
         ds.set_original_encoding(False, True, self.text_encoding)
-        for element in self._own_elements(index):
+        for element in own:
             ds[element.tag] = element
         return ds
 
     def encoded(self, index: int) -> bytes:
+        own = self._own_elements(index)
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = True, False
         buffer.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(buffer, self._file_meta(index), enforce_standard=True)
-        encodings = convert_encodings(self.text_encoding)
-        own = []
-        for element in self._own_elements(index):
-            element_buffer = DicomBytesIO()
-            element_buffer.is_little_endian, element_buffer.is_implicit_VR = True, False
-            write_data_element(element_buffer, element, encodings)
-            own.append((element.tag, element_buffer.getvalue()))
-        for _, encoded in sorted(self._encoded_shared + tuple(own), key=lambda pair: pair[0]):
+        write_file_meta_info(buffer, self._file_meta(own.SOPInstanceUID), enforce_standard=True)
+        encoded_own = tuple((element.tag, _encoded_element(element, self._encodings)) for element in own)
+        for _, encoded in sorted(self._encoded_shared + encoded_own, key=lambda pair: pair[0]):
             buffer.write(encoded)
         return buffer.getvalue()
 
@@ -261,16 +266,17 @@ class SCTSeries:
             if not _is_valid_uid(sop_instance_uid(self.series_instance_uid, index, self.uid_root)):
                 raise WriterError(f"slice {index + 1} would get an invalid SOP Instance UID")
 
-    def _file_meta(self, index: int) -> FileMetaDataset:
+    @staticmethod
+    def _file_meta(sop_uid: UID) -> FileMetaDataset:
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_instance_uid(self.series_instance_uid, index, self.uid_root)
+        meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = f"SCTNODE_{__version__}"[:16]
         return meta
 
-    def _own_elements(self, index: int) -> list[DataElement]:
+    def _own_elements(self, index: int) -> Dataset:
         """SOPInstanceUID, InstanceNumber, ImagePositionPatient, SliceLocation and PixelData of slice ``index``."""
         own = Dataset()
         own.SOPInstanceUID = sop_instance_uid(self.series_instance_uid, index, self.uid_root)
@@ -280,7 +286,7 @@ class SCTSeries:
         own.SliceLocation = _ds(position_mm[2])
         own.PixelData = _stored_pixels(self.hu.array[index]).tobytes()
         own["PixelData"].VR = "OW"
-        return list(own)
+        return own
 
 
 def build_sct_series(
@@ -338,16 +344,13 @@ def build_sct_series(
         [*_shared_elements(template), *_encoded_references(sources, template, full=source_references == "full")],
         key=lambda element: element.tag,
     )
-    text_encoding = _text_encoding(template)
-    encodings = convert_encodings(text_encoding)
     series = SCTSeries(
         series_instance_uid=series_instance_uid,
         uid_root=uid_root,
         hu=hu,
         shared=tuple(shared),
-        text_encoding=text_encoding,
+        text_encoding=_text_encoding(template),
         full_references=source_references == "full",
-        _encoded_shared=tuple((element.tag, _encoded_element(element, encodings)) for element in shared),
     )
     series.check_slices()
     log.info(
