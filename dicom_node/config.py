@@ -12,7 +12,7 @@ import datetime as dt
 import re
 import ssl
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -169,6 +169,18 @@ class Config:
             if destination.name == name:
                 return destination
         raise KeyError(name)
+
+    @property
+    def tls_in_use(self) -> bool:
+        """The listener or a destination uses the [tls] certificate."""
+        return bool(_tls_users(self.node, self.destinations))
+
+
+def _tls_users(node: NodeConfig, destinations: Sequence[Destination]) -> list[str]:
+    """The settings that use the [tls] files, as written in the configuration (for messages)."""
+    return (['node.tls = "required"'] if node.tls == "required" else []) + [
+        f"destination[{i}].tls = true" for i, d in enumerate(destinations) if d.tls
+    ]
 
 
 MODEL_METHODS = ("diffusion", "bulk_density")
@@ -420,10 +432,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     )
     t.finish()
 
-    users = (['node.tls = "required"'] if node.tls == "required" else []) + [
-        f"destination[{i}].tls = true" for i, d in enumerate(destinations) if d.tls
-    ]
-    tls = _tls_config(base, tls_paths, users)
+    tls = _tls_config(base, tls_paths, _tls_users(node, destinations))
 
     top.finish()
     return Config(

@@ -175,10 +175,6 @@ class SendDispatcher:
             handed += 1
         return handed
 
-    def in_flight(self) -> set[int]:
-        with self._lock:
-            return set(self._in_flight)
-
     def shutdown(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
@@ -196,8 +192,7 @@ def check_certificate(config: Config, db: AuditDB, now: dt.datetime) -> str | No
     """Warn (log WARNING, audit ``tls_certificate_expiring``; ERROR and ``tls_certificate_expired``
     once it is unusable) when the node's certificate is in use and expires within
     ``tls.EXPIRY_WARNING_DAYS``; returns the message, or None when all is well."""
-    in_use = config.node.tls == "required" or any(destination.tls for destination in config.destinations)
-    if not (in_use and config.tls.certificate is not None):
+    if not (config.tls_in_use and config.tls.certificate is not None):
         return None
     dates = tls.certificate_dates(config.tls.certificate)
     problem = dates.problem(now)
