@@ -29,7 +29,7 @@ from dicom_node.audit import JobRow, JobState, SeriesRow, SeriesState
 from dicom_node.peers import FileStoreSCP
 from dicom_node.synthetic_mr import generate_mr_series
 from tests.integration.harness import NodeProcess, node_config, require_binary, wait_for
-from tests.reliability.conftest import LONG
+from tests.reliability.conftest import LONG, scale
 
 QUIET_PERIOD_S = 1.5
 GOOD_SLICES = 6
@@ -307,6 +307,11 @@ def recipe(kind: str, **params: Any) -> st.SearchStrategy[Recipe]:
 
 # Under `make reliability` (long) a random seed unless SCT_FUZZ_SEED is set; printed either way.
 FUZZ_SEED = int(os.environ.get("SCT_FUZZ_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+
+
+def fuzz_inputs(short: int, long: int) -> int:
+    """How many inputs a fuzzer draws: SCT_FUZZ_INPUTS when set, else ``short`` (CI) or ``long``."""
+    return int(os.environ.get("SCT_FUZZ_INPUTS", "0")) or scale(short, long)
 
 
 def run_fuzzer(

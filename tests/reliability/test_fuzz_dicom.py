@@ -45,7 +45,6 @@ from __future__ import annotations
 import collections
 import copy
 import io
-import os
 import struct
 import time
 import zlib
@@ -81,6 +80,7 @@ from tests.reliability.fuzz_support import (
     GoodTraffic,
     Recipe,
     check_good_series_done,
+    fuzz_inputs,
     leftover_temp_files,
     node_under_test,
     recipe,
@@ -89,7 +89,7 @@ from tests.reliability.fuzz_support import (
     wait_until_settled,
 )
 
-INPUTS = int(os.environ.get("SCT_FUZZ_INPUTS", "0")) or scale(250, 3000)  # drawn, after EXPLICIT_RECIPES
+INPUTS = fuzz_inputs(250, 3000)  # drawn, after EXPLICIT_RECIPES
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.9.3811.3.0.4"
 TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless)
 REFUSALS = {0xA900, 0xC210, 0xC220, 0xC221}  # the statuses a malformed dataset may get (scp.py)

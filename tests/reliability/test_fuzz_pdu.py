@@ -60,6 +60,7 @@ from tests.reliability.fuzz_support import (
     GoodTraffic,
     Recipe,
     check_good_series_done,
+    fuzz_inputs,
     leftover_temp_files,
     node_under_test,
     recipe,
@@ -67,7 +68,7 @@ from tests.reliability.fuzz_support import (
     wait_until_settled,
 )
 
-INPUTS = int(os.environ.get("SCT_FUZZ_INPUTS", "0")) or scale(600, 6000)
+INPUTS = fuzz_inputs(600, 6000)
 ANSWER_S = 10.0  # a complete PDU gets its answer (or the connection closed) within this
 DWELL_S = 0.2  # how long a client that sent an incomplete PDU stays before closing
 DIMSE_ANSWER_S = 2.0  # inside an association: the wait for a DIMSE answer before releasing anyway
