@@ -155,20 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "resend":
         return cmd_resend(config, args.job)
     if args.command == "audit":
-        from dicom_node import audit_report
+        from dicom_node.audit import report as audit_report
 
         if args.audit_command == "jobs":
             return audit_report.print_jobs(config, limit=args.limit)
         if args.audit_command == "series":
             return audit_report.print_series(config, limit=args.limit)
         if args.audit_command == "verify":
-            from dicom_node import audit_chain
-
-            return audit_chain.print_verify(config)
+            return audit_report.print_verify(config)
         if args.audit_command == "restore-head":
-            from dicom_node import audit_chain
-
-            return audit_chain.print_restore_head(config)
+            return audit_report.print_restore_head(config)
         return audit_report.print_job(config, args.job)
     if args.command == "demo":
         from dicom_node import demo

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from dicom_node import scu
 from dicom_node.audit import JobRow, JobState, SeriesRow, SeriesState
-from dicom_node.audit_report import describe_job
+from dicom_node.audit.report import describe_job
 from dicom_node.config import Config, Destination, with_overrides
 from dicom_node.mr_series import check_series, load_mr_volume, read_headers
 from dicom_node.node import Node

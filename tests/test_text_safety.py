@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import audit_report
 from dicom_node.audit import AuditDB, JobRow, SeriesRow
+from dicom_node.audit import report as audit_report
 from dicom_node.config import load_config, with_overrides
 from dicom_node.scp import printable_ae_title
 from dicom_node.text_safety import SafeLogFormatter, escape_controls

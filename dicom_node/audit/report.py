@@ -1,5 +1,5 @@
-"""``sct-node audit``: the audit database as a physicist reads it (identifiers are shown here, on
-purpose: this is the reviewer's tool, not a log)."""
+"""``sct-node audit``: the audit database as a physicist reads it, and the hash chain's verdict
+(identifiers are shown here, on purpose: this is the reviewer's tool, not a log)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ from pathlib import Path
 
 from sqlalchemy import case, func, or_, select
 
-from dicom_node.audit import AuditDB, EventRow, InstanceRow, JobRow, SendRow, SeriesRow
+from dicom_node.audit.chain import restore_head, verify_chain
+from dicom_node.audit.db import AuditDB
+from dicom_node.audit.models import EventRow, InstanceRow, JobRow, SendRow, SeriesRow
 from dicom_node.config import Config
+from dicom_node.errors import AuditChainError
 from dicom_node.text_safety import escape_controls
+
+_MAX_PRINTED = 200  # chain problems printed by `audit verify`
 
 
 def open_existing(config: Config) -> AuditDB | None:
@@ -177,3 +182,46 @@ def print_job(config: Config, job_id: int) -> int:
         return 1
     print(text)
     return 0
+
+
+def print_verify(config: Config) -> int:
+    """``sct-node audit verify``: 0 when the chain is intact, 1 when not (or no database)."""
+    db = open_existing(config)
+    if db is None:
+        return 1
+    try:
+        report = verify_chain(db)
+    finally:
+        db.dispose()
+    if report.sealed_at is not None:
+        print(
+            f"note: {report.sealed_events} event(s) from before the hash chain were sealed at migration on "
+            f"{report.sealed_at:%Y-%m-%d %H:%M:%S} UTC; the chain covers them from then on only"
+        )
+    if report.ok:
+        print(f"OK: audit chain intact, {report.events} events, head seq {report.head_seq} sha256 {report.head_hash}")
+        return 0
+    print(
+        f"BROKEN: {len(report.problems)} problem(s) in the audit chain of {report.events} events "
+        f"(head seq {report.head_seq} sha256 {report.head_hash})",
+    )
+    for problem in report.problems[:_MAX_PRINTED]:
+        print(f"  {problem}")
+    if len(report.problems) > _MAX_PRINTED:
+        print(f"  ... and {len(report.problems) - _MAX_PRINTED} more")
+    return 1
+
+
+def print_restore_head(config: Config) -> int:
+    """``sct-node audit restore-head``: 0 when restored, 1 when not (with why)."""
+    db = open_existing(config)
+    if db is None:
+        return 1
+    try:
+        print(restore_head(db))
+        return 0
+    except AuditChainError as exc:
+        print(f"sct-node audit restore-head: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()

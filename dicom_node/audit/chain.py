@@ -1,5 +1,27 @@
-"""The audit events' hash chain: set-up and migration (``ensure_chain``) and verification
-(``verify_chain``, ``sct-node audit verify``). How the chain is built: ``dicom_node.audit``.
+"""The audit events' hash chain: appending (``add_event``), set-up and migration (``ensure_chain``),
+verification (``verify_chain``, ``sct-node audit verify``) and repair (``restore_head``).
+
+The events form a hash chain (tamper evidence, not tamper proofing): each event row carries its
+position ``seq``, the hash of the event before it (``prev_hash``) and ``row_hash`` = SHA-256 over
+``prev_hash`` and its own content (see ``event_hash``). A one-row table, ``audit_chain_head``, holds
+the newest ``seq`` and hash and is updated in the same transaction as every event insert, so the
+deletion of the newest events (truncation) is caught as well: the head then names events that are
+no longer there. ``verify_chain`` walks and checks it all.
+
+Appends are serialised by the database, not only within one process: on PostgreSQL the head row
+is read ``FOR UPDATE`` (a row lock held to the commit); on SQLite every write transaction starts
+with ``BEGIN IMMEDIATE`` (SQLAlchemy's pysqlite recipe, see ``dicom_node.audit.db``), which takes the
+database's single write lock before the head is read. Two writers (threads of the node, or the
+``sct-node resend`` CLI in another process) therefore never chain onto the same previous hash; the
+unique index on ``seq`` would refuse such a fork even if they did. An event and the state change it
+records are written in one transaction, so neither exists without the other.
+
+Limits, stated plainly: the hash has no secret key. Someone with write access who recomputes every
+hash after the row they changed, and the head too, produces a chain that verifies. What the chain
+gives is that any edit, deletion, insertion or reordering made with SQL (or by a program that does
+not know the chain) is detected. To extend that to a determined forger, record the head hash that
+``sct-node audit verify`` prints somewhere else (a ticket, the QA log): a later chain must still
+contain that hash at that position.
 
 Verification walks the events in ``seq`` order and, for each, checks
 
@@ -22,28 +44,124 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import logging
-import sys
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, and_, bindparam, delete, func, insert, inspect, or_, select, text
+from sqlalchemy import Table, and_, bindparam, delete, func, insert, inspect, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from dicom_node.audit import (
-    CHAIN_HEAD_ID,
-    GENESIS_HASH,
-    AuditDB,
-    ChainHeadRow,
-    EventRow,
-    add_event,
-    row_content_hash,
-    utcnow,
-)
-from dicom_node.config import Config
+from dicom_node.audit.models import CHAIN_HEAD_ID, GENESIS_HASH, ChainHeadRow, EventRow, utcnow
 from dicom_node.errors import AuditChainError
 
+if TYPE_CHECKING:  # the database class uses this module (ensure_chain); this one only names it
+    from dicom_node.audit.db import AuditDB
+
 log = logging.getLogger(__name__)
+
+
+def event_hash(
+    prev_hash: str,
+    *,
+    at: dt.datetime,
+    kind: str,
+    series_id: int | None,
+    job_id: int | None,
+    from_state: str,
+    to_state: str,
+    message: str,
+    detail: Any,
+) -> str:
+    """SHA-256 (hex) of an event: canonical JSON (sorted keys, no spaces, ASCII) of the previous
+    hash and every content field. ``seq`` and ``id`` are not hashed: the order is carried by
+    ``prev_hash`` itself, and the verifier checks that ``seq`` and ``id`` follow it."""
+    document = {
+        "v": 1,
+        "prev_hash": prev_hash,
+        "at": at.isoformat(timespec="microseconds"),
+        "kind": kind,
+        "series_id": series_id,
+        "job_id": job_id,
+        "from_state": from_state,
+        "to_state": to_state,
+        "message": message,
+        "detail": detail,
+    }
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def row_content_hash(row: Any, prev_hash: str | None = None) -> str:
+    """``event_hash`` of a stored event (an EventRow or a result row with the same columns), from
+    its own ``prev_hash`` or the ``prev_hash`` given (when the chain is being built)."""
+    return event_hash(
+        (row.prev_hash or "") if prev_hash is None else prev_hash,
+        at=row.at,
+        kind=row.kind,
+        series_id=row.series_id,
+        job_id=row.job_id,
+        from_state=row.from_state,
+        to_state=row.to_state,
+        message=row.message,
+        detail=row.detail,
+    )
+
+
+def add_event(
+    session: Session,
+    kind: str,
+    message: str = "",
+    *,
+    series_id: int | None = None,
+    job_id: int | None = None,
+    from_state: str = "",
+    to_state: str = "",
+    detail: dict[str, Any] | None = None,
+) -> EventRow:
+    """Append an event to the chain, in ``session``'s transaction (with the change it records).
+
+    The head row is read with a lock (``FOR UPDATE`` on PostgreSQL; on SQLite the transaction
+    already holds the write lock, see ``_sqlite_begin``) and moved on in the same transaction, so
+    concurrent writers queue here instead of forking the chain. On PostgreSQL a transaction that
+    waits here may hold row locks another one needs after its own append; PostgreSQL's deadlock
+    detector then rolls one of them back whole (an error, never a half-written or forked chain).
+    """
+    if session.info.get("read_only"):
+        raise AuditChainError("AuditDB.reading() is read-only: events are added in AuditDB.session()")
+    # Stored exactly as hashed: what JSON makes of it (tuples become lists, keys strings).
+    stored_detail = json.loads(json.dumps(detail or {}))
+    head = session.execute(
+        select(ChainHeadRow.seq, ChainHeadRow.head_hash).where(ChainHeadRow.id == CHAIN_HEAD_ID).with_for_update()
+    ).one_or_none()
+    if head is None:
+        raise AuditChainError(
+            "the audit chain head (table audit_chain_head) is missing, so no event can be chained; "
+            "the audit trail may have been tampered with: run `sct-node audit verify`"
+        )
+    row = EventRow(
+        at=utcnow(),  # taken under the lock: times follow the chain order
+        kind=kind,
+        series_id=series_id,
+        job_id=job_id,
+        from_state=from_state,
+        to_state=to_state,
+        message=message,
+        detail=stored_detail,
+        seq=head.seq + 1,
+        prev_hash=head.head_hash,
+    )
+    row.row_hash = row_content_hash(row)
+    session.add(row)
+    session.execute(
+        update(ChainHeadRow)
+        .where(ChainHeadRow.id == CHAIN_HEAD_ID)
+        .values(seq=row.seq, head_hash=row.row_hash, updated_at=row.at)
+        .execution_options(synchronize_session=False)
+    )
+    return row
+
 
 CHAIN_COLUMNS = ("seq", "prev_hash", "row_hash")
 SEALED_KIND = "audit_chain_sealed"
@@ -360,36 +478,6 @@ def verify_chain(db: AuditDB) -> ChainReport:
     return report
 
 
-def print_verify(config: Config) -> int:
-    """``sct-node audit verify``: 0 when the chain is intact, 1 when not (or no database)."""
-    from dicom_node.audit_report import open_existing
-
-    db = open_existing(config)
-    if db is None:
-        return 1
-    try:
-        report = verify_chain(db)
-    finally:
-        db.dispose()
-    if report.sealed_at is not None:
-        print(
-            f"note: {report.sealed_events} event(s) from before the hash chain were sealed at migration on "
-            f"{report.sealed_at:%Y-%m-%d %H:%M:%S} UTC; the chain covers them from then on only"
-        )
-    if report.ok:
-        print(f"OK: audit chain intact, {report.events} events, head seq {report.head_seq} sha256 {report.head_hash}")
-        return 0
-    print(
-        f"BROKEN: {len(report.problems)} problem(s) in the audit chain of {report.events} events "
-        f"(head seq {report.head_seq} sha256 {report.head_hash})",
-    )
-    for problem in report.problems[:_MAX_PRINTED]:
-        print(f"  {problem}")
-    if len(report.problems) > _MAX_PRINTED:
-        print(f"  ... and {len(report.problems) - _MAX_PRINTED} more")
-    return 1
-
-
 HEAD_RESTORED_KIND = "audit_chain_head_restored"
 
 
@@ -427,20 +515,3 @@ def restore_head(db: AuditDB) -> str:
         add_event(session, HEAD_RESTORED_KIND, message, detail={"seq": seq, "head_hash": head_hash})
     log.warning("%s", message)
     return message
-
-
-def print_restore_head(config: Config) -> int:
-    """``sct-node audit restore-head``: 0 when restored, 1 when not (with why)."""
-    from dicom_node.audit_report import open_existing
-
-    db = open_existing(config)
-    if db is None:
-        return 1
-    try:
-        print(restore_head(db))
-        return 0
-    except AuditChainError as exc:
-        print(f"sct-node audit restore-head: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
