@@ -1,4 +1,4 @@
-"""The command line: ``sct-node serve | demo | resend | audit | check-config``."""
+"""The command line: ``sct-node serve | demo | resend | review | audit | check-config``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     resend = commands.add_parser("resend", help="send a FAILED (or DONE) job's sCT again")
     resend.add_argument("job", type=int)
     _add_config(resend)
+
+    review = commands.add_parser("review", help="jobs the QA held: list, show, release (send once) or reject")
+    review_commands = review.add_subparsers(dest="review_command", required=True)
+    review_list = review_commands.add_parser("list", help="the jobs held for review (--all: and those decided)")
+    review_list.add_argument("--all", action="store_true", help="also the jobs already released or rejected")
+    review_list.add_argument("--limit", type=int, default=50)
+    _add_config(review_list)
+    review_show = review_commands.add_parser("show", help="a job's QA checks, report and decision")
+    review_show.add_argument("job", type=int)
+    _add_config(review_show)
+    for name, what in (("release", "send the held sCT, once"), ("reject", "never send the held sCT")):
+        decide = review_commands.add_parser(name, help=f"{what} (an audited decision)")
+        decide.add_argument("job", type=int)
+        decide.add_argument("--by", required=True, help="who decides (recorded in the audit trail and the report)")
+        decide.add_argument("--reason", required=True, help="why (recorded in the audit trail and the report)")
+        _add_config(decide)
 
     audit = commands.add_parser("audit", help="read the audit database")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -154,6 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "resend":
         return cmd_resend(config, args.job)
+    if args.command == "review":
+        from dicom_node.qa import review
+
+        if args.review_command == "list":
+            return review.print_list(config, include_decided=args.all, limit=args.limit)
+        if args.review_command == "show":
+            return review.print_show(config, args.job)
+        decision = review.RELEASED if args.review_command == "release" else review.REJECTED
+        return review.run_decision(config, args.job, decision, by=args.by, reason=args.reason)
     if args.command == "audit":
         from dicom_node.audit import report as audit_report
 

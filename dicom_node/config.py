@@ -132,6 +132,32 @@ class Route:
     exclude_pattern: re.Pattern[str] | None
     calling_aet_pattern: re.Pattern[str]
     destinations: tuple[str, ...]
+    qa_policy: str = "hold"  # QA_POLICIES: what a warn or fail verdict does to the job
+    send_qa_report: bool = True  # the QA report (Encapsulated PDF) goes with the sCT
+    send_uncertainty: bool = True  # the uncertainty map (Parametric Map) goes with it (samples > 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class QAConfig:
+    """The warn and fail levels of the QA checks (dicom_node.qa; config.toml documents each)."""
+
+    in_distribution_warn: float
+    in_distribution_fail: float
+    body_dice_warn: float
+    body_dice_fail: float
+    body_hd95_warn_mm: float
+    body_hd95_fail_mm: float
+    tissue_outside_training_warn_pp: float
+    tissue_outside_training_fail_pp: float
+    bone_outside_body_warn_ml: float
+    bone_outside_body_fail_ml: float
+    outside_hu_range_fail_percent: float
+    uncertainty_mean_warn_hu: float
+    uncertainty_mean_fail_hu: float
+    uncertainty_p95_warn_hu: float
+    uncertainty_p95_fail_hu: float
+    fov_truncation_warn_percent: float
+    fov_truncation_fail_percent: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +188,14 @@ class Config:
     model: ModelConfig
     jobs: JobsConfig
     source: Path
+    qa: QAConfig
     tls: TLSConfig = TLSConfig()
+
+    def route(self, name: str) -> Route:
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(name)
 
     def destination(self, name: str) -> Destination:
         for destination in self.destinations:
@@ -184,6 +217,21 @@ def _tls_users(node: NodeConfig, destinations: Sequence[Destination]) -> list[st
 
 
 MODEL_METHODS = ("diffusion", "bulk_density")
+# route.qa_policy: "send" sends whatever the verdicts; "hold" holds a job with any warn or fail for a
+# person's release or rejection; "block" rejects a job with a fail and holds one with a warn.
+QA_POLICIES = ("send", "hold", "block")
+# [qa] levels: (key, the larger or the smaller value is worse). A warn level must not be worse than
+# its fail level.
+QA_LEVELS: tuple[tuple[str, str, str], ...] = (
+    ("in_distribution_warn", "in_distribution_fail", "above"),
+    ("body_dice_warn", "body_dice_fail", "below"),
+    ("body_hd95_warn_mm", "body_hd95_fail_mm", "above"),
+    ("tissue_outside_training_warn_pp", "tissue_outside_training_fail_pp", "above"),
+    ("bone_outside_body_warn_ml", "bone_outside_body_fail_ml", "above"),
+    ("uncertainty_mean_warn_hu", "uncertainty_mean_fail_hu", "above"),
+    ("uncertainty_p95_warn_hu", "uncertainty_p95_fail_hu", "above"),
+    ("fov_truncation_warn_percent", "fov_truncation_fail_percent", "above"),
+)
 TLS_MODES = ("off", "required")
 # How the sCT references its MR (node.source_references; sct_writer.build_ct_series explains both).
 SOURCE_REFERENCE_FORMS = ("compact", "full")
@@ -402,6 +450,11 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
                 exclude_pattern=_regex(t.key("exclude_pattern"), exclude) if exclude else None,
                 calling_aet_pattern=_regex(t.key("calling_aet_pattern"), t.get("calling_aet_pattern", str)),
                 destinations=route_destinations,
+                qa_policy=t.get(
+                    "qa_policy", str, lambda v: None if v in QA_POLICIES else f"must be one of {', '.join(QA_POLICIES)}"
+                ),
+                send_qa_report=t.get("send_qa_report", bool),
+                send_uncertainty=t.get("send_uncertainty", bool),
             )
         )
         t.finish()
@@ -432,6 +485,8 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     )
     t.finish()
 
+    qa = _qa_config(table("qa"))
+
     tls = _tls_config(base, tls_paths, _tls_users(node, destinations))
 
     top.finish()
@@ -447,7 +502,30 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         jobs=jobs,
         source=source,
         tls=tls,
+        qa=qa,
     )
+
+
+def _qa_config(t: _Table) -> QAConfig:
+    """The [qa] levels: numbers >= 0 (Dice levels at most 1), each warn level no worse than its fail level."""
+    values: dict[str, float] = {}
+    for field in dataclasses.fields(QAConfig):
+        dice = field.name.startswith("body_dice")
+        values[field.name] = float(
+            t.get(
+                field.name,
+                (int, float),
+                (lambda v: None if 0 <= v <= 1 else "must be between 0 and 1")
+                if dice
+                else (lambda v: None if v >= 0 else "must be >= 0"),
+            )
+        )
+    t.finish()
+    for warn, fail, worse in QA_LEVELS:
+        if (values[warn] > values[fail]) if worse == "above" else (values[warn] < values[fail]):
+            sign = "<=" if worse == "above" else ">="
+            raise ConfigError(f"qa.{warn} must be {sign} qa.{fail} (a warning comes before a failure)")
+    return QAConfig(**values)
 
 
 def _tls_config(base: Path, values: Mapping[str, str], users: list[str]) -> TLSConfig:
@@ -508,6 +586,41 @@ def load_config(path: Path | str | None = None) -> Config:
         return parse_config(data, source.resolve())
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+
+
+def dump_config(config: Config) -> str:
+    """``config`` as TOML that ``load_config`` reads back to the same configuration (absolute paths;
+    no comments: the documented keys are in the embedded default)."""
+    import tomli_w
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, re.Pattern):
+            return value.pattern
+        if isinstance(value, Path):
+            return str(value)
+        if value is None:
+            return ""
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    def section(instance: Any) -> dict[str, Any]:
+        return {field.name: plain(getattr(instance, field.name)) for field in dataclasses.fields(instance)}
+
+    document: dict[str, Any] = {
+        "node": section(config.node),
+        "tls": section(config.tls),
+        "storage": section(config.storage),
+        "audit": section(config.audit),
+        "series": section(config.series),
+        "sender": section(config.sender),
+        "destination": [section(d) for d in config.destinations],
+        "route": [section(r) for r in config.routes],
+        "model": section(config.model),
+        "jobs": section(config.jobs),
+        "qa": section(config.qa),
+    }
+    return tomli_w.dumps(document)
 
 
 def with_overrides(config: Config, **sections: Any) -> Config:

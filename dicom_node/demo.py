@@ -1,9 +1,15 @@
 """``sct-node demo``: the whole product on one machine, in one command.
 
 Starts a node on free ports with the given (default) configuration, a receiving PACS (Orthanc
-when installed, otherwise a storage SCP writing files), sends an MR series by C-STORE (generated,
-or ``--input DIR``), waits for the sCT to arrive at the PACS, prints a summary (series, slices,
-stage timings, where the sCT is, the audit history) and writes a PNG montage MR | sCT.
+when installed, otherwise a storage SCP writing files), sends an MR series by C-STORE, waits for
+the job to finish, prints a summary (series, slices, stage timings, the QA verdicts, where the sCT
+and the QA report are, the audit history) and writes a PNG montage MR | sCT.
+
+The generated MR is a head-and-neck phantom from the demo checkpoint's own distribution (the
+generator it was trained on, a case it never saw), so that its sCT passes the QA checks and is
+delivered. A series given with ``--input`` that the checkpoint does not know (a real MR, for the
+phantom-trained demo checkpoint) is held by the QA: the demo then says why, and writes its node's
+configuration so that the printed ``sct-node review release`` command works on it.
 """
 
 from __future__ import annotations
@@ -20,16 +26,43 @@ from PIL import Image
 from sqlalchemy import select
 
 from dicom_node import scu
-from dicom_node.audit import JobRow, JobState, SeriesRow, SeriesState
+from dicom_node.audit import AuditDB, JobRow, JobState, QAResultRow, SeriesRow, SeriesState
 from dicom_node.audit.report import describe_job
-from dicom_node.config import Config, Destination, with_overrides
+from dicom_node.config import Config, Destination, dump_config, with_overrides
 from dicom_node.mr_series import check_series, load_mr_volume, read_headers
 from dicom_node.node import Node
 from dicom_node.peers import FileStoreSCP, Orthanc, free_port, orthanc_binary
-from dicom_node.synthetic_mr import generate_mr_series
+from dicom_node.qa.results import Measurement
+from dicom_node.synthetic_mr import write_volume_series
+from dicom_node.text_safety import escape_controls
 from sct_model.volume import Grid, Volume, resample
 
 DEMO_SCANNER_AET = "DEMOSCANNER"
+# The demo phantom: a head-and-neck case of the demo checkpoint's generator at its training size
+# (64³ at 3 mm), from a seed the checkpoint's training cases were not drawn with.
+DEMO_PHANTOM_REGION, DEMO_PHANTOM_SEED = "HN", 20261203
+DEMO_PHANTOM_SHAPE_ZYX, DEMO_PHANTOM_SPACING_MM = (64, 64, 64), 3.0
+
+
+def generate_demo_series(out_dir: Path) -> list[Path]:
+    """The demo's MR series: a phantom from the demo checkpoint's own distribution, as DICOM."""
+    from training.phantoms import make_phantom  # the generator the demo checkpoint was trained on
+
+    spacing = DEMO_PHANTOM_SPACING_MM
+    phantom = make_phantom(
+        DEMO_PHANTOM_REGION,
+        seed=DEMO_PHANTOM_SEED,
+        shape_zyx=DEMO_PHANTOM_SHAPE_ZYX,
+        spacing_mm=(spacing, spacing, spacing),
+    )
+    return write_volume_series(
+        phantom.mr,
+        out_dir,
+        series_description="T1 HEAD NECK PHANTOM",
+        protocol_name="T1_3D_PHANTOM",
+        study_description="MR HEAD NECK PHANTOM (demo checkpoint's distribution)",
+        body_part="HEADNECK",
+    )
 
 
 def demo_config(config: Config, output_dir: Path, pacs_ae_title: str, pacs_port: int) -> Config:
@@ -56,8 +89,11 @@ def run_demo(config: Config, *, input_dir: Path | None, output_dir: Path, timeou
     output_dir.mkdir(parents=True)
     if input_dir is None:
         input_dir = output_dir / "mr-input"
-        mr_files = generate_mr_series(input_dir)
-        print(f"generated a synthetic MR series: {len(mr_files)} slices in {input_dir}")
+        mr_files = generate_demo_series(input_dir)
+        print(
+            f"generated a synthetic MR series: {len(mr_files)} slices in {input_dir} "
+            "(a phantom from the demo checkpoint's own distribution)"
+        )
     else:
         mr_files = sorted(p for p in Path(input_dir).rglob("*") if p.is_file() and _is_dicom(p))
         print(f"input: {len(mr_files)} DICOM files from {input_dir}")
@@ -71,6 +107,9 @@ def run_demo(config: Config, *, input_dir: Path | None, output_dir: Path, timeou
     )
     pacs_port = pacs.dicom_port if isinstance(pacs, Orthanc) else pacs.port
     node_config = demo_config(config, output_dir, pacs.ae_title, pacs_port)
+    config_path = output_dir / "node" / "config.toml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(dump_config(node_config), encoding="utf-8")
     node = Node(node_config)
     try:
         pacs.start()
@@ -95,10 +134,17 @@ def run_demo(config: Config, *, input_dir: Path | None, output_dir: Path, timeou
         job = _wait_for_job(node, timeout_s)
         if job is None:
             return 1
+        if job.state in (JobState.HELD, JobState.REJECTED):
+            print()
+            print(describe_job(node.db, job.id))
+            _explain_not_sent(node.db, job, config_path)
+            return 0
         sct_files = _wait_for_pacs(pacs, job.sct_series_uid, job.sct_instance_count, timeout_s=60)
         print()
         print(describe_job(node.db, job.id))
         print()
+        if job.qa_dir:
+            print(f"QA report: {job.qa_dir}/report.pdf (pages as PNG beside it), {job.qa_verdict}")
         where = (
             f"Orthanc {pacs.url}/app/explorer.html (series {job.sct_series_uid})"
             if isinstance(pacs, Orthanc)
@@ -113,6 +159,35 @@ def run_demo(config: Config, *, input_dir: Path | None, output_dir: Path, timeou
     finally:
         node.stop()
         pacs.stop()
+
+
+def _explain_not_sent(db: AuditDB, job: JobRow, config_path: Path) -> None:
+    print()
+    if job.state == JobState.REJECTED:
+        print(f"job {job.id} was REJECTED by the route's QA policy: its sCT is never sent ({job.error}).")
+        return
+    with db.reading() as session:
+        flagged = session.scalars(
+            select(QAResultRow)
+            .where(QAResultRow.job_id == job.id, QAResultRow.verdict != "pass")
+            .order_by(QAResultRow.id)
+        ).all()
+        why = [
+            Measurement(
+                r.check, r.quantity, r.value, r.unit, r.warn_at, r.fail_at, r.worse, r.verdict, r.note
+            ).describe()
+            for r in sorted(flagged, key=lambda r: r.verdict != "fail")
+        ]
+    reasons = "".join(f"\n    {escape_controls(line, keep_newlines=False)}" for line in why)
+    print(
+        f"job {job.id} is HELD: the QA checks found what a physicist must look at before the sCT may be used.\n"
+        f"  why:{reasons}\n"
+        f"  the QA report: {job.qa_dir}/report.pdf (and report-page-1.png beside it)\n"
+        f"  release it (sent once, when this node runs again with that configuration):\n"
+        f"    sct-node review release {job.id} --by NAME --reason TEXT --config {config_path}\n"
+        f"  or reject it (never sent):\n"
+        f"    sct-node review reject {job.id} --by NAME --reason TEXT --config {config_path}"
+    )
 
 
 def _is_dicom(path: Path) -> bool:
@@ -135,7 +210,7 @@ def _wait_for_job(node: Node, timeout_s: float) -> JobRow | None:
                 if job.state != last_state:
                     print(f"  job {job.id}: {job.state}")
                     last_state = job.state
-                if job.state == JobState.DONE:
+                if job.state in (JobState.DONE, JobState.HELD, JobState.REJECTED):
                     return job
                 if job.state == JobState.FAILED:
                     print(f"job {job.id} FAILED: {job.error}")

@@ -1,9 +1,16 @@
 """The job state machine. The state lives in the audit database; every change is an event row.
 
     QUEUED ──► RUNNING ──► SENDING ──► DONE
-       ▲          │           │  ▲
-       │          ▼           ▼  │ (resend)
-       └──────── FAILED ◄─────┘──┘
+       ▲          │  │        ▲ │  ▲
+       │          │  │ (QA)   │ ▼  │ (resend)
+       └──────── FAILED ◄─────┼─┘──┘
+                  │  │        │ (release)
+                  │  └─────► HELD ──► REJECTED (reject; or the block policy, straight from RUNNING)
+
+After the sCT is written, the QA gate (dicom_node.qa) decides: SENDING, HELD (a person releases it:
+SENDING, once; or rejects it: REJECTED, never sent) or REJECTED. A job is sent only when its QA
+cleared it (``cleared_for_sending``): a resend of a FAILED job whose QA never finished computes it
+again, QA included.
 
 A restart after a crash (kill -9) puts RUNNING jobs back to QUEUED: the run is repeated with the
 same seed and the same pre-assigned UIDs, and nothing had been sent yet (sending starts only once
@@ -25,14 +32,19 @@ from sqlalchemy.orm import Session
 from dicom_node.audit import JobRow, JobState, SeriesRow, add_event, utcnow
 from dicom_node.config import ModelConfig
 from dicom_node.errors import JobStateError
+from dicom_node.qa.layout import deliverables
+from dicom_node.qa.policy import SEND, decide
 
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
-    JobState.RUNNING: frozenset({JobState.SENDING, JobState.FAILED, JobState.QUEUED}),
+    JobState.RUNNING: frozenset({JobState.SENDING, JobState.HELD, JobState.REJECTED, JobState.FAILED, JobState.QUEUED}),
     JobState.SENDING: frozenset({JobState.DONE, JobState.FAILED, JobState.QUEUED}),
     JobState.FAILED: frozenset({JobState.QUEUED, JobState.SENDING}),
     JobState.DONE: frozenset({JobState.SENDING, JobState.QUEUED}),
+    JobState.HELD: frozenset({JobState.SENDING, JobState.REJECTED}),  # a person's release or rejection
+    JobState.REJECTED: frozenset(),  # final: a rejected sCT is never sent
 }
+FINISHED_STATES = (JobState.DONE, JobState.FAILED, JobState.REJECTED)
 
 _claim_lock = threading.Lock()
 
@@ -43,7 +55,7 @@ def transition(session: Session, job: JobRow, to_state: str, message: str, **det
         raise JobStateError(f"job {job.id}: {job.state} -> {to_state} is not allowed")
     from_state, job.state = job.state, to_state
     job.updated_at = utcnow()
-    if to_state in (JobState.DONE, JobState.FAILED):
+    if to_state in FINISHED_STATES:
         job.finished_at = job.updated_at
     elif job.finished_at is not None:
         job.finished_at = None
@@ -67,8 +79,12 @@ def create_job(
     destinations: Sequence[str],
     model: ModelConfig,
     uid_root: str,
+    qa_policy: str = "hold",
+    send_qa_report: bool = True,
+    send_uncertainty: bool = True,
 ) -> JobRow:
-    """A QUEUED job for ``series``; its sCT SeriesInstanceUID is fixed now, once and for all."""
+    """A QUEUED job for ``series``; its sCT SeriesInstanceUID is fixed now, once and for all, and so
+    are the route's QA policy and what goes with the sCT."""
     now = utcnow()
     job = JobRow(
         series_id=series.id,
@@ -86,6 +102,9 @@ def create_job(
             prefix=uid_root or PYDICOM_ROOT_UID, entropy_srcs=["sct-series", series.series_instance_uid]
         ),
         timings_s={},
+        qa_policy=qa_policy,
+        send_qa_report=send_qa_report,
+        send_uncertainty=send_uncertainty,
     )
     session.add(job)
     session.flush()
@@ -152,16 +171,36 @@ def request_resend(session: Session, job_id: int) -> str:
         raise JobStateError(f"no job {job_id}")
     if job.state in JobState.UNFINISHED:
         raise JobStateError(f"job {job_id} is {job.state}: it is still being processed")
+    if job.state == JobState.HELD:
+        raise JobStateError(f"job {job_id} is HELD by its QA: a person releases it (sct-node review release)")
+    if job.state == JobState.REJECTED:
+        raise JobStateError(
+            f"job {job_id} was REJECTED ({job.review_reason or job.error}): a rejected sCT is never sent"
+        )
     job.send_attempts = 0
     job.next_send_at = None
     job.error = ""
-    if job.output_dir and _outbox_complete(job):
+    if cleared_for_sending(job) and _outbox_complete(job):
         transition(session, job, JobState.SENDING, "manual resend requested")
         return JobState.SENDING
-    transition(session, job, JobState.QUEUED, "manual resend requested; the sCT is no longer in the outbox: recompute")
+    why = "the sCT is no longer in the outbox" if cleared_for_sending(job) else "its QA never cleared it"
+    transition(session, job, JobState.QUEUED, f"manual resend requested; {why}: recompute")
     return JobState.QUEUED
 
 
+def cleared_for_sending(job: JobRow) -> bool:
+    """Whether the job's QA let its sCT go: the checks ran, and the route's policy sent it or a person
+    released it."""
+    if not job.qa_verdict:
+        return False
+    return job.review_decision == "released" or decide(job.qa_policy, job.qa_verdict) == SEND
+
+
 def _outbox_complete(job: JobRow) -> bool:
-    folder = Path(job.output_dir)
-    return folder.is_dir() and len(list(folder.glob("*.dcm"))) == job.sct_instance_count > 0
+    folder = Path(job.output_dir) if job.output_dir else None
+    if folder is None or not (folder.is_dir() and len(list(folder.glob("*.dcm"))) == job.sct_instance_count > 0):
+        return False
+    extras = deliverables(
+        Path(job.qa_dir), send_qa_report=job.send_qa_report, send_uncertainty=job.send_uncertainty, samples=job.samples
+    )
+    return all(path.is_file() for path in extras)

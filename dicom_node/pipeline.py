@@ -1,4 +1,4 @@
-"""The only place where the stages meet: load → sample → write → send, for one job.
+"""The only place where the stages meet: load → sample → write → QA gate → send, for one job.
 
 Each stage is a plain function in its own module and raises the project's own exceptions;
 ``run_job`` and ``send_job`` are the only code that turns an exception into a FAILED job with an
@@ -17,13 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from dicom_node import jobs, scu
-from dicom_node.audit import AuditDB, JobRow, JobState, SendRow, add_event, utcnow
+from dicom_node.audit import AuditDB, JobRow, JobState, QAResultRow, SendRow, add_event, utcnow
 from dicom_node.config import Config
 from dicom_node.errors import SctNodeError
 from dicom_node.mr_series import check_series, load_mr_volume, read_headers
+from dicom_node.qa.gate import GateJob, GateResult, run_gate
+from dicom_node.qa.layout import deliverables, qa_folder
+from dicom_node.qa.policy import DECISION_TEXT, HOLD, SEND
 from dicom_node.sct_writer import build_sct_series, write_series
 from dicom_node.series import CheckedSeriesCache, series_instance_paths
 from sct_model.result import SCTPredictor, SCTResult
@@ -67,6 +71,9 @@ class PipelineContext:
     def job_outbox(self, job_id: int) -> Path:
         return self.config.storage.outbox / f"job_{job_id}"
 
+    def job_qa_folder(self, job_id: int) -> Path:
+        return qa_folder(self.config.storage.outbox, job_id)
+
 
 def run_queued_jobs(ctx: PipelineContext, after_each: Callable[[], None] | None = None) -> int:
     """Claim and run QUEUED jobs until none is left; returns how many ran (a scheduler task)."""
@@ -91,8 +98,21 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
             return
         series_id = job.series_id
         paths = series_instance_paths(session, series_id)
-        settings = (job.steps, job.samples, job.seed, job.sct_series_uid, job.created_at)
-    steps, samples, seed, sct_series_uid, created_at = settings
+        gate_job = GateJob(
+            job_id=job.id,
+            route=job.route_name,
+            qa_policy=job.qa_policy,
+            send_qa_report=job.send_qa_report,
+            send_uncertainty=job.send_uncertainty,
+            sct_series_uid=job.sct_series_uid,
+            uid_root=ctx.config.node.uid_root,
+            created=job.created_at.replace(tzinfo=dt.UTC).astimezone(),  # local time; a re-run writes identical files
+            steps=job.steps,
+            samples=job.samples,
+            seed=job.seed,
+            ae_title=ctx.config.node.ae_title,
+        )
+    steps, samples, seed = gate_job.steps, gate_job.samples, gate_job.seed
     timings: dict[str, float] = {}
     try:
         started = time.perf_counter()
@@ -119,15 +139,26 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
             steps=steps,
             samples=samples,
             seed=seed,
-            series_instance_uid=sct_series_uid,
-            uid_root=ctx.config.node.uid_root,
+            series_instance_uid=gate_job.sct_series_uid,
+            uid_root=gate_job.uid_root,
             source_references=ctx.config.node.source_references,
-            created=created_at.replace(tzinfo=dt.UTC).astimezone(),  # local time; a re-run writes identical files
+            created=gate_job.created,
         )
         outbox = ctx.job_outbox(job_id)
         write_series(sct_series, outbox)
         uncertainty = _write_uncertainty(result, outbox.with_name(outbox.name + "_uncertainty.mha"))
         timings["writing"] = time.perf_counter() - started
+
+        gate = run_gate(
+            gate_job,
+            mr=mr_volume,
+            mr_headers=headers,
+            result=result,
+            sct_series=sct_series,
+            qa=ctx.config.qa,
+            folder=ctx.job_qa_folder(job_id),
+        )
+        timings.update(gate.timings_s)
     except Exception as exc:  # noqa: BLE001 - the one place a stage's failure becomes a FAILED job
         _fail(ctx, job_id, exc, timings)
         return
@@ -144,20 +175,63 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         job.timings_s.update({f"sampler.{k}": round(v, 3) for k, v in result.timings_s.items()})
         if uncertainty is not None:
             job.uncertainty_path, job.uncertainty_mean_hu, job.uncertainty_p95_hu = uncertainty
-        jobs.transition(
-            session,
-            job,
-            JobState.SENDING,
-            f"sCT written: {len(sct_series)} axial slices by {info.model_name} ({info.method}, {info.device})",
-            timings_s=job.timings_s,
-        )
+        written = f"sCT written: {len(sct_series)} axial slices by {info.model_name} ({info.method}, {info.device})"
+        record_gate(session, job, gate, ctx.job_qa_folder(job_id), written)
     log.info(
-        "job %d: %d sCT slices written in %.1f s (sampling %.1f s)",
+        "job %d: %d sCT slices written in %.1f s (sampling %.1f s); QA %s: %s",
         job_id,
         len(sct_series),
-        sum(timings.values()),
+        sum(v for k, v in timings.items() if "." not in k),
         timings["sampling"],
+        gate.outcome.verdict,
+        gate.decision,
     )
+
+
+def record_gate(session: Session, job: JobRow, gate: GateResult, folder: Path, written: str) -> None:
+    """Store the QA gate's results (replacing those of an earlier run of the job) and move the job on:
+    SENDING, HELD or REJECTED, as the route's policy decided. One transaction with the state change."""
+    now = utcnow()
+    session.execute(delete(QAResultRow).where(QAResultRow.job_id == job.id))
+    for m in gate.outcome.measurements:
+        session.add(
+            QAResultRow(
+                job_id=job.id,
+                check=m.check,
+                quantity=m.quantity,
+                value=m.value,
+                unit=m.unit,
+                warn_at=m.warn_at,
+                fail_at=m.fail_at,
+                worse=m.worse,
+                verdict=m.verdict,
+                note=m.note,
+                measured_at=now,
+            )
+        )
+    job.qa_verdict, job.qa_dir = gate.outcome.verdict, str(folder)
+    job.review_decision, job.reviewed_by, job.review_reason, job.reviewed_at = "", "", "", None
+    add_event(
+        session,
+        "qa",
+        f"QA {gate.outcome.verdict_line()}; policy {job.qa_policy}: {DECISION_TEXT[gate.decision]}",
+        job_id=job.id,
+        detail={
+            "verdict": gate.outcome.verdict,
+            "checks": {check.name: check.verdict for check in gate.outcome.checks},
+            "reasons": gate.outcome.reasons(),
+            "policy": job.qa_policy,
+            "decision": gate.decision,
+        },
+    )
+    if gate.decision == SEND:
+        jobs.transition(session, job, JobState.SENDING, written, timings_s=job.timings_s)
+    elif gate.decision == HOLD:
+        reasons = "; ".join(gate.outcome.reasons())
+        jobs.transition(session, job, JobState.HELD, f"{written}; held for review: {reasons}", timings_s=job.timings_s)
+    else:
+        job.error = "rejected by the QA block policy: " + "; ".join(gate.outcome.reasons())
+        jobs.transition(session, job, JobState.REJECTED, f"{written}; {job.error}", timings_s=job.timings_s)
 
 
 def _write_uncertainty(result: SCTResult, path: Path) -> tuple[str, float, float] | None:
@@ -194,6 +268,16 @@ def send_job(ctx: PipelineContext, job_id: int) -> None:
         job = session.get(JobRow, job_id)
         if job is None or job.state != JobState.SENDING:
             return
+        if not jobs.cleared_for_sending(job):  # never reached through the state machine; a last guard
+            job.error = "its sCT was not cleared by the QA gate (no QA result, or held and not released)"
+            jobs.transition(session, job, JobState.FAILED, f"not sent: {job.error}; resend computes it again with QA")
+            return
+        qa_objects = deliverables(
+            Path(job.qa_dir),
+            send_qa_report=job.send_qa_report,
+            send_uncertainty=job.send_uncertainty,
+            samples=job.samples,
+        )
         delivered = set(
             session.scalars(select(SendRow.destination).where(SendRow.job_id == job_id, SendRow.ok.is_(True)))
         )
@@ -207,7 +291,7 @@ def send_job(ctx: PipelineContext, job_id: int) -> None:
     attempts: list[SendAttempt] = []
     for name in pending:
         started_at, started = utcnow(), time.perf_counter()
-        result = _send_to(ctx, name, files, expected, outbox)
+        result = _send_to(ctx, name, files, expected, outbox, qa_objects)
         attempts.append(SendAttempt(result, started_at, time.perf_counter() - started))
     _record_send(ctx, job_id, attempt, numbered, attempts)
 
@@ -219,9 +303,17 @@ class SendAttempt:
     seconds: float
 
 
-def _send_to(ctx: PipelineContext, name: str, files: list[Path], expected: int, outbox: Path) -> scu.SendResult:
+def _send_to(
+    ctx: PipelineContext, name: str, files: list[Path], expected: int, outbox: Path, qa_objects: list[Path]
+) -> scu.SendResult:
+    """The sCT's files and the QA objects that go with it, over one association (or the destination's
+    parallel ones), every instance's status checked."""
     if len(files) != expected or expected == 0:
         return scu.SendResult(name, False, 0, expected, f"outbox {outbox} holds {len(files)} of {expected} files", ())
+    missing = [path for path in qa_objects if not path.is_file()]
+    if missing:
+        return scu.SendResult(name, False, 0, expected, f"QA object {missing[0]} is missing", ())
+    files = files + qa_objects
     try:
         destination = ctx.config.destination(name)
     except KeyError:

@@ -1,7 +1,9 @@
 """Retention: delete the files of a series once they are no longer needed, never before delivery.
 
-- A ROUTED series: its spool folder and its job's outbox go ``retention_days`` after the job is
-  DONE (delivered to every destination). A FAILED or unfinished job keeps everything.
+- A ROUTED series: its spool folder and its job's outbox (the sCT, its uncertainty volume and its QA
+  folder) go ``retention_days`` after the job is DONE (delivered to every destination) or REJECTED
+  (a person or the block policy decided it is never sent). A FAILED, HELD or unfinished job keeps
+  everything: a held job waits for a person, however long.
 - A NOT_ROUTED series: its spool folder goes ``retention_days`` after it was closed.
 - QUARANTINED series are kept for a person to look at.
 The audit rows stay; ``cleaned_at`` and an event say when the files went.
@@ -20,6 +22,9 @@ from dicom_node.audit import AuditDB, JobState, SeriesRow, SeriesState, add_even
 from dicom_node.config import Config
 
 log = logging.getLogger(__name__)
+
+# Jobs whose files have served their purpose: delivered, or never to be sent. Never HELD.
+RETIRED_STATES = (JobState.DONE, JobState.REJECTED)
 
 
 def clean(config: Config, db: AuditDB, now: dt.datetime | None = None) -> int:
@@ -42,15 +47,18 @@ def clean(config: Config, db: AuditDB, now: dt.datetime | None = None) -> int:
             if series.state == SeriesState.ROUTED and not series_jobs:
                 continue
             if any(
-                job.state != JobState.DONE or job.finished_at is None or job.finished_at > cutoff for job in series_jobs
+                job.state not in RETIRED_STATES or job.finished_at is None or job.finished_at > cutoff
+                for job in series_jobs
             ):
-                continue  # not delivered yet, or delivered too recently
+                continue  # not delivered (or rejected) yet, or too recently
             removed = [config.storage.spool / series.series_instance_uid]
             for job in series_jobs:
                 if job.output_dir:
                     removed.append(Path(job.output_dir))
                 if job.uncertainty_path:
                     removed.append(Path(job.uncertainty_path))
+                if job.qa_dir:
+                    removed.append(Path(job.qa_dir))
                 job.cleaned_at = utcnow()
             for path in removed:
                 _remove(path)

@@ -277,13 +277,17 @@ def _route(session: Session, config: Config, series: SeriesRow) -> int | None:
         log.info("series %d (%d instances) not routed: %s", series.id, series.instance_count, decision.reason)
         return None
     _set_series_state(session, series, SeriesState.ROUTED, decision.reason)
+    route = config.route(decision.route_name or "")
     job = jobs.create_job(
         session,
         series,
-        route_name=decision.route_name or "",
+        route_name=route.name,
         destinations=decision.destinations,
         model=config.model,
         uid_root=config.node.uid_root,
+        qa_policy=route.qa_policy,
+        send_qa_report=route.send_qa_report,
+        send_uncertainty=route.send_uncertainty,
     )
     log.info("series %d complete (%d instances): job %d queued", series.id, series.instance_count, job.id)
     return job.id

@@ -19,8 +19,9 @@ import dataclasses
 import datetime
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -29,6 +30,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
+from scipy import ndimage
+
+from sct_model.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +171,18 @@ def generate_mr_series(
     temporal_positions: int = 1,
     diffusion_b_values: Sequence[float] = (),
     mixed_orientation: bool = False,
+    signal: Callable[[np.ndarray], np.ndarray] | None = None,
+    fov_centre_mm: Sequence[float] | None = None,
+    noise_sigma: float = NOISE_SIGMA,
+    study_description: str = "MR HEAD PHANTOM",
+    body_part: str = "HEAD",
 ) -> list[Path]:
     """Write a phantom MR series into ``out_dir`` and return the files written.
+
+    ``signal`` maps LPS points (..., 3) in mm to MR signal (default: the T1 head phantom,
+    :func:`phantom_t1`; :func:`volume_signal` samples a volume, e.g. a training phantom), to which
+    Rician noise of ``noise_sigma`` is added (0: none); ``fov_centre_mm`` is where the planes are
+    centred (default FOV_CENTRE_LPS_MM).
 
     ``pixel_spacing_mm`` is one number or, in DICOM PixelSpacing order, (between rows, between
     columns). The planes are centred on FOV_CENTRE_LPS_MM; ``orientation`` "oblique" is an axial
@@ -191,7 +205,17 @@ def generate_mr_series(
         raise ValueError("a series is either dynamic (temporal_positions) or diffusion (b-values), not both")
     if any(not 0 <= k < slices for k in (*drop_slices, *duplicate_slices)):
         raise ValueError(f"drop_slices and duplicate_slices must be slice indices in [0, {slices})")
-    geometry = _Geometry(slices, rows, columns, float(row_spacing_mm), float(column_spacing_mm), slice_spacing_mm)
+    geometry = _Geometry(
+        slices,
+        rows,
+        columns,
+        float(row_spacing_mm),
+        float(column_spacing_mm),
+        slice_spacing_mm,
+        np.asarray(fov_centre_mm if fov_centre_mm is not None else FOV_CENTRE_LPS_MM, dtype=float),
+        signal or phantom_t1,
+        float(noise_sigma),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     now = datetime.datetime.now()
@@ -205,6 +229,8 @@ def generate_mr_series(
         frame_of_reference_uid=frame_of_reference_uid or generate_uid(),
         series_number=series_number,
         geometry=geometry,
+        study_description=study_description,
+        body_part=body_part,
     )
     frames = _frame_plan(
         geometry,
@@ -247,6 +273,9 @@ class _Geometry:
     row_spacing_mm: float  # between rows, along the column direction: PixelSpacing[0]
     column_spacing_mm: float  # between columns, along the row direction: PixelSpacing[1]
     slice_spacing_mm: float
+    centre_mm: np.ndarray  # LPS, where the planes are centred
+    signal: Callable[..., np.ndarray]  # LPS points (..., 3) -> signal
+    noise_sigma: float
 
 
 @dataclasses.dataclass
@@ -299,9 +328,9 @@ def _frame_plan(
 
 
 def _position(frame: _PlannedFrame, geometry: _Geometry) -> np.ndarray:
-    """ImagePositionPatient: the planes are centred on FOV_CENTRE_LPS_MM, slice k at (k - mid) spacings."""
+    """ImagePositionPatient: the planes are centred on ``geometry.centre_mm``, slice k at (k - mid) spacings."""
     normal = np.cross(frame.row, frame.column)
-    centre = FOV_CENTRE_LPS_MM + (frame.slice_index - (geometry.slices - 1) / 2.0) * geometry.slice_spacing_mm * normal
+    centre = geometry.centre_mm + (frame.slice_index - (geometry.slices - 1) / 2.0) * geometry.slice_spacing_mm * normal
     half_width = (geometry.columns - 1) / 2.0 * geometry.column_spacing_mm
     half_height = (geometry.rows - 1) / 2.0 * geometry.row_spacing_mm
     return centre - half_width * frame.row - half_height * frame.column
@@ -316,12 +345,54 @@ def _render(frame: _PlannedFrame, geometry: _Geometry, rescale_slope: float, rng
         + j[..., None] * geometry.row_spacing_mm * frame.column
     )
     gain = 1.0 + 0.3 * (frame.temporal_position - 1) if frame.temporal_position else 1.0  # contrast uptake
-    signal = phantom_t1(points, contrast_gain=gain)
+    signal = geometry.signal(points) * gain
     if frame.b_value is not None:
         signal = signal * np.exp(-frame.b_value * 0.0008)  # diffusion attenuation, ADC 0.8e-3 mm²/s
-    real = signal + rng.normal(0.0, NOISE_SIGMA, signal.shape)
-    noisy = np.hypot(real, rng.normal(0.0, NOISE_SIGMA, signal.shape))  # magnitude image: Rician noise
-    return np.clip(np.rint(noisy / rescale_slope), 0, 4095).astype(np.uint16)
+    if geometry.noise_sigma > 0:
+        real = signal + rng.normal(0.0, geometry.noise_sigma, signal.shape)
+        signal = np.hypot(real, rng.normal(0.0, geometry.noise_sigma, signal.shape))  # magnitude: Rician noise
+    return np.clip(np.rint(signal / rescale_slope), 0, 4095).astype(np.uint16)
+
+
+def write_volume_series(volume: Volume, out_dir: Path, **options: Any) -> list[Path]:
+    """An axial ``volume`` (a training phantom, a generated test input) as an MR series of one slice per
+    plane, on exactly its grid and with no noise added (``options``: as :func:`generate_mr_series`)."""
+    grid = volume.grid
+    if not grid.is_axial():
+        raise ValueError("write_volume_series writes axial volumes only")
+    spacing_x, spacing_y, spacing_z = grid.spacing_mm
+    centre = grid.index_to_point(np.asarray([[(n - 1) / 2.0 for n in grid.size]]))[0]
+    return generate_mr_series(
+        out_dir,
+        **{
+            "slices": grid.size[2],
+            "rows": grid.size[1],
+            "columns": grid.size[0],
+            "pixel_spacing_mm": (spacing_y, spacing_x),
+            "slice_spacing_mm": spacing_z,
+            "signal": volume_signal(volume),
+            "fov_centre_mm": centre,
+            "noise_sigma": 0.0,
+            **options,
+        },
+    )
+
+
+def volume_signal(volume: Volume) -> Callable[[np.ndarray], np.ndarray]:
+    """The signal of ``volume`` at LPS points (linear interpolation, 0 outside it): to write any volume
+    (a training phantom, for example) as an MR series with :func:`generate_mr_series`."""
+    array = np.asarray(volume.array, dtype=np.float64)
+    grid = volume.grid
+    inverse = np.linalg.inv(grid.direction_matrix)
+    origin, spacing = np.asarray(grid.origin_mm), np.asarray(grid.spacing_mm)
+
+    def sample(points: np.ndarray) -> np.ndarray:
+        flat = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        index_xyz = ((flat - origin) @ inverse.T) / spacing
+        values = ndimage.map_coordinates(array, index_xyz[:, ::-1].T, order=1, mode="constant", cval=0.0)
+        return values.reshape(np.asarray(points).shape[:-1])
+
+    return sample
 
 
 # --------------------------------------------------------------------------------------------- DICOM
@@ -343,6 +414,8 @@ def _common_dataset(
     frame_of_reference_uid: str,
     series_number: int,
     geometry: _Geometry,
+    study_description: str,
+    body_part: str,
 ) -> Dataset:
     """Patient, study, series, frame of reference, equipment and pixel format attributes shared by all."""
     ds = Dataset()
@@ -357,7 +430,7 @@ def _common_dataset(
     ds.ReferringPhysicianName = ""
     ds.StudyID = "PHANTOM"
     ds.AccessionNumber = ""
-    ds.StudyDescription = "MR HEAD PHANTOM"
+    ds.StudyDescription = study_description
     ds.Modality = "MR"
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = series_number
@@ -365,7 +438,7 @@ def _common_dataset(
     ds.SeriesTime = ds.StudyTime
     ds.SeriesDescription = series_description
     ds.ProtocolName = protocol_name
-    ds.BodyPartExamined = "HEAD"
+    ds.BodyPartExamined = body_part
     ds.PatientPosition = "HFS"
     ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PositionReferenceIndicator = ""

@@ -14,6 +14,9 @@ dicts) and tensors, loaded with ``torch.load(weights_only=True)``::
                                          # the sliding-window size
         "preprocessing": {...},          # PreprocessingConfig: spacing, MR normalisation, HU range
         "model": {"autoencoder": {...}, "mr_encoder": {...}, "unet": {...}, "scheduler": {...}},
+        "qa_reference": {...},           # optional: the training data's statistics for the node's QA
+                                         # checks (sct_model.reference.TrainingReference); absent in
+                                         # checkpoints made before it, which then fail the in-distribution check
       },
       "state": {"autoencoder": {name: tensor}, "mr_encoder": {...}, "unet": {...}},
       "payload_sha256": hex,             # over the metadata (canonical JSON) and every tensor's bytes
@@ -60,6 +63,7 @@ import torch
 from sct_model import __version__
 from sct_model.networks import ModelConfig, SCTNetworks
 from sct_model.preprocessing import PreprocessingConfig
+from sct_model.reference import TrainingReference
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ class Checkpoint:
     model_version: str = "0"
     intended_use: str = "research use only, not for clinical use"
     training_data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    qa_reference: TrainingReference | None = None  # the training data's statistics (sct-train qa-reference)
     code_version: str = __version__
     created_utc: str = ""
     format_version: int = FORMAT_VERSION
@@ -150,6 +155,7 @@ class Checkpoint:
                 raise CheckpointError(f"the {name} weights do not fit the {name} config: {exc}") from exc
 
     def metadata(self) -> dict[str, Any]:
+        optional = {"qa_reference": self.qa_reference.to_dict()} if self.qa_reference is not None else {}
         return {
             "model_name": self.model_name,
             "model_version": self.model_version,
@@ -161,6 +167,7 @@ class Checkpoint:
             "latent_patch_shape": list(self.latent_patch_shape),
             "preprocessing": self.preprocessing.to_dict(),
             "model": self.model.to_dict(),
+            **optional,
         }
 
 
@@ -279,6 +286,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             model_version=_require(metadata, "model_version", str, "metadata/"),
             intended_use=_require(metadata, "intended_use", str, "metadata/"),
             training_data=dict(_require(metadata, "training_data", Mapping, "metadata/")),
+            qa_reference=_qa_reference(metadata, path),
             code_version=_require(metadata, "code_version", str, "metadata/"),
             created_utc=_require(metadata, "created_utc", str, "metadata/"),
             format_version=int(version),
@@ -288,6 +296,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: inconsistent checkpoint settings: {exc}") from exc
     checkpoint.check_states()
     return checkpoint
+
+
+def _qa_reference(metadata: Mapping[str, Any], path: Path) -> TrainingReference | None:
+    if "qa_reference" not in metadata:
+        return None
+    try:
+        return TrainingReference.from_dict(_require(metadata, "qa_reference", Mapping, "metadata/"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the QA reference (training data statistics) is unreadable: {exc!r}") from exc
 
 
 def sha256_of(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

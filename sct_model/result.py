@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
+from sct_model.reference import TrainingReference
 from sct_model.volume import Grid, Volume
 
 HU_MIN = -1024.0
@@ -33,6 +34,10 @@ class SCTResult:
     timings_s: dict[str, float]  # seconds per step: preprocess, sampling, decode, postprocess
     info: PredictorInfo
     seeds: tuple[int, ...]  # the seed of each sample
+    # For the node's QA: the MR's features in the model's feature space (reference.FEATURE_SET) and
+    # what the checkpoint knows of its training data (None: a method or checkpoint without them).
+    mr_features: tuple[float, ...] | None = None
+    reference: TrainingReference | None = None
 
 
 class SCTPredictor(Protocol):

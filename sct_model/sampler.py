@@ -4,12 +4,14 @@
 
 1. preprocessing: the MR onto the model's axial grid, normalised (``preprocessing.prepare_mr``), and
    the body mask and field of view on the output grid;
-2. the MR encoding on the latent grid, once;
-3. per sample: Gaussian noise from a CPU ``torch.Generator`` seeded with ``seed + i`` (the same noise on
+2. the MR's features for the node's in-distribution check (``features.mr_features``: a pass of the
+   small MR encoder over the whole volume, as in training);
+3. the MR encoding on the latent grid, once;
+4. per sample: Gaussian noise from a CPU ``torch.Generator`` seeded with ``seed + i`` (the same noise on
    every device), then DDIM (``DDIMScheduler``, for a DDPM-trained model) or rectified flow
    (``RFlowScheduler``) for ``steps`` steps;
-4. decoding with the autoencoder, HU mapping, and the mean and standard deviation over the samples;
-5. post-processing onto the output grid (HU clipped, air outside the body).
+5. decoding with the autoencoder, HU mapping, and the mean and standard deviation over the samples;
+6. post-processing onto the output grid (HU clipped, air outside the body).
 
 Latent grids up to ``InferenceOptions.max_whole_latent_voxels`` are denoised whole. Larger ones use
 a sliding window on the latent grid at every step (MONAI ``sliding_window_inference``, Gaussian
@@ -39,6 +41,7 @@ from monai.networks.schedulers import DDIMScheduler
 
 from sct_model import __version__
 from sct_model.checkpoint import Checkpoint, load_checkpoint
+from sct_model.features import mr_features
 from sct_model.preprocessing import finish_hu, finish_std, output_masks, prepare_mr, unit_to_hu
 from sct_model.result import PredictorInfo, SCTResult
 from sct_model.volume import Grid, Volume, axial_grid_covering
@@ -170,6 +173,9 @@ class SCTSampler:
         model_input = prepare_mr(mr, config, self.size_multiple)
         masks = output_masks(mr, grid, config)
         timings["preprocess"] = time.perf_counter() - started
+        started = time.perf_counter()
+        features = mr_features(self.networks.mr_encoder, model_input, config.mr_output_range, self.device)
+        timings["features"] = self._elapsed(started)
 
         seeds = tuple(seed + i for i in range(samples))
         mean_hu, std_hu, sample_timings = self.sample_hu(model_input.mr_unit.array, steps=steps, seeds=seeds)
@@ -188,7 +194,16 @@ class SCTSampler:
             self.info.sampler,
             timings["total"],
         )
-        return SCTResult(hu=hu, std_hu=std, body_mask=masks.body, timings_s=timings, info=self.info, seeds=seeds)
+        return SCTResult(
+            hu=hu,
+            std_hu=std,
+            body_mask=masks.body,
+            timings_s=timings,
+            info=self.info,
+            seeds=seeds,
+            mr_features=tuple(float(v) for v in features),
+            reference=self.checkpoint.qa_reference,
+        )
 
     # -- the model grid ----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@
     sct-train ldm --data DIR --vae VAE_RUN --out RUN_DIR [--scheduler ddpm|rflow] [training options]
     sct-train baseline-unet --data DIR --out RUN_DIR [--spacing MM] [training options]
     sct-train evaluate --data DIR --out DIR --checkpoint NAME=PATH ... [--unet-baseline PATH]
+    sct-train qa-reference --checkpoint PATH --data DIR [--out PATH] [--device cpu] [--steps 25]
 
 Training options (all trainers): --steps --batch-size --accumulate --lr --lr-schedule --warmup-steps
 --patch Z Y X --val-every --checkpoint-every --resume --seed --device --no-amp --num-workers, and the
@@ -129,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--no-figures", action="store_true", help="tables only (no box plots, error maps)")
+
+    reference = commands.add_parser(
+        "qa-reference",
+        help="add the training data's statistics (the node's QA reference) to a checkpoint, without retraining",
+    )
+    reference.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint (rewritten in place)")
+    reference.add_argument("--data", type=Path, required=True, help="the data root it was trained on")
+    reference.add_argument("--out", type=Path, default=None, help="write the new checkpoint here instead")
+    reference.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    reference.add_argument("--steps", type=int, default=25, help="sampling steps of the sCTs (the node's, 25)")
     return parser
 
 
@@ -294,12 +305,24 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_qa_reference(args: argparse.Namespace) -> int:
+    from training.qa_reference import add_reference
+
+    path, sha256, reference = add_reference(
+        args.checkpoint, args.data, out_path=args.out, device=args.device, steps=args.steps
+    )
+    print(reference.summary())
+    print(f"checkpoint {path} (sha256 {sha256})")
+    return EXIT_OK
+
+
 _COMMANDS = {
     "phantoms": _run_phantoms,
     "vae": _run_vae,
     "ldm": _run_ldm,
     "baseline-unet": _run_unet,
     "evaluate": _run_evaluate,
+    "qa-reference": _run_qa_reference,
 }
 
 

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect, literal, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.audit.chain import ensure_chain
+from dicom_node.audit.chain import CHAIN_COLUMNS, ensure_chain
 from dicom_node.audit.models import Base
 from dicom_node.errors import AuditChainError
 
@@ -77,6 +77,44 @@ class AuditDB:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the columns a later version of the models has and an existing database lacks (a node
+    upgraded in place: the jobs' QA and review columns, for example), each with its default; returns
+    them as "table.column". Only additions: a column is never changed or dropped. The hash chain's
+    own columns are ``ensure_chain``'s to add (it also chains the existing events)."""
+    added: list[str] = []
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":  # two processes upgrading at once: one waits
+            connection.execute(text("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE"))
+        inspector = inspect(connection)
+        for table in Base.metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            new = [
+                c
+                for c in table.columns
+                if c.name not in present and not (table.name == "events" and c.name in CHAIN_COLUMNS)
+            ]
+            for column in new:
+                sql_type = column.type.compile(dialect=connection.dialect)
+                scalar = column.default is not None and column.default.is_scalar
+                default = getattr(column.default, "arg", None) if scalar else None
+                clause = ""
+                if default is not None:
+                    value = literal(default, column.type).compile(
+                        dialect=connection.dialect, compile_kwargs={"literal_binds": True}
+                    )
+                    clause = f" DEFAULT {value}" + ("" if column.nullable else " NOT NULL")
+                connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {sql_type}{clause}"))
+                added.append(f"{table.name}.{column.name}")
+            names = {c.name for c in new}
+            for index in table.indexes:
+                if names & {c.name for c in index.columns}:
+                    index.create(connection)
+    if added:
+        log.warning("audit database upgraded: added %s", ", ".join(added))
+    return added
 
 
 def _create_private_file(path: Path) -> None:

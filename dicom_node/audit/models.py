@@ -42,6 +42,8 @@ class JobState:
     DONE = "DONE"
     FAILED = "FAILED"
     QUARANTINED = "QUARANTINED"
+    HELD = "HELD"  # the QA held it: waits for a person to release or reject it (sct-node review)
+    REJECTED = "REJECTED"  # never sent: rejected by a person, or by a route's "block" QA policy
 
     UNFINISHED = (QUEUED, RUNNING, SENDING)
 
@@ -130,9 +132,23 @@ class JobRow(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     # When retention deleted the outbox (the sCT files) after delivery.
     cleaned_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # The QA gate (dicom_node.qa): the route's policy and what goes with the sCT, copied from the
+    # route when the job is created; the overall verdict and the folder of the report and the
+    # uncertainty map once the checks have run ("" before).
+    qa_policy: Mapped[str] = mapped_column(String(8), default="hold")
+    send_qa_report: Mapped[bool] = mapped_column(Boolean, default=True)
+    send_uncertainty: Mapped[bool] = mapped_column(Boolean, default=True)
+    qa_verdict: Mapped[str] = mapped_column(String(8), default="", index=True)
+    qa_dir: Mapped[str] = mapped_column(Text, default="")
+    # A person's decision on a HELD job (sct-node review release | reject); also an audit event.
+    review_decision: Mapped[str] = mapped_column(String(16), default="")  # "released" or "rejected"
+    reviewed_by: Mapped[str] = mapped_column(String(64), default="")
+    review_reason: Mapped[str] = mapped_column(Text, default="")
+    reviewed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     series: Mapped[SeriesRow] = relationship(back_populates="jobs")
     sends: Mapped[list[SendRow]] = relationship(back_populates="job", order_by="SendRow.id")
+    qa_results: Mapped[list[QAResultRow]] = relationship(back_populates="job", order_by="QAResultRow.id")
 
 
 class SendRow(Base):
@@ -152,6 +168,30 @@ class SendRow(Base):
     message: Mapped[str] = mapped_column(Text, default="")
 
     job: Mapped[JobRow] = relationship(back_populates="sends")
+
+
+class QAResultRow(Base):
+    """One measured quantity of one QA check of a job (dicom_node.qa.results.Measurement): the value,
+    the warn and fail levels it was judged against (from the [qa] configuration at the time) and the
+    verdict. A job that is run again (after a crash) replaces its rows; the verdicts are in its
+    hash-chained events too."""
+
+    __tablename__ = "qa_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    check: Mapped[str] = mapped_column(String(32))  # "in_distribution", "body_agreement", ...
+    quantity: Mapped[str] = mapped_column(String(32))  # "score", "dice", "hd95", "bone", ...
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: not measurable (note says why)
+    unit: Mapped[str] = mapped_column(String(8), default="")
+    warn_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    fail_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    worse: Mapped[str] = mapped_column(String(8))  # "above" or "below": which side of a level is worse
+    verdict: Mapped[str] = mapped_column(String(8), index=True)  # "pass", "warn" or "fail"
+    note: Mapped[str] = mapped_column(Text, default="")
+    measured_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+    job: Mapped[JobRow] = relationship(back_populates="qa_results")
 
 
 class EventRow(Base):

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import case, func, or_, select
+from sqlalchemy.orm import Session
 
 from dicom_node.audit.chain import restore_head, verify_chain
 from dicom_node.audit.db import AuditDB
-from dicom_node.audit.models import EventRow, InstanceRow, JobRow, SendRow, SeriesRow
+from dicom_node.audit.models import EventRow, InstanceRow, JobRow, QAResultRow, SendRow, SeriesRow
 from dicom_node.config import Config
 from dicom_node.errors import AuditChainError
 from dicom_node.text_safety import escape_controls
@@ -34,7 +35,7 @@ def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in headers]] + [[escape_controls(str(c), keep_newlines=False) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in cells]
@@ -57,6 +58,7 @@ def job_rows(db: AuditDB, limit: int) -> list[tuple[object, ...]]:
                 (
                     job.id,
                     job.state,
+                    job.qa_verdict or "-",
                     series.patient_id,
                     series.series_description[:32],
                     series.instance_count,
@@ -79,8 +81,20 @@ def print_jobs(config: Config, *, limit: int = 50) -> int:
         print("no jobs yet")
         return 0
     print(
-        _table(
-            ("job", "state", "patient", "series", "MR", "sCT", "method", "created (UTC)", "finished (UTC)", "seconds"),
+        table(
+            (
+                "job",
+                "state",
+                "QA",
+                "patient",
+                "series",
+                "MR",
+                "sCT",
+                "method",
+                "created (UTC)",
+                "finished (UTC)",
+                "seconds",
+            ),
             rows,
         )
     )
@@ -110,9 +124,7 @@ def print_series(config: Config, *, limit: int = 50) -> int:
         print("no series yet")
         return 0
     print(
-        _table(
-            ("series", "state", "patient", "description", "from", "instances", "last received (UTC)", "reason"), rows
-        )
+        table(("series", "state", "patient", "description", "from", "instances", "last received (UTC)", "reason"), rows)
     )
     return 0
 
@@ -147,7 +159,15 @@ def describe_job(db: AuditDB, job_id: int) -> str | None:
                 f"  uncertainty     mean {job.uncertainty_mean_hu:.1f} HU, p95 {job.uncertainty_p95_hu:.1f} HU "
                 f"(std in the body) in {job.uncertainty_path}"
             )
-        lines.append("  timings (s)     " + ", ".join(f"{k} {v:.2f}" for k, v in job.timings_s.items()))
+        lines.append("  timings (s)     " + ", ".join(f"{k} {v:.2f}" for k, v in job.timings_s.items() if "." not in k))
+        lines += qa_table_lines(session, job.id)
+        if job.qa_dir:
+            lines.append(f"  QA report       {job.qa_dir}/report.pdf (policy {job.qa_policy})")
+        if job.review_decision:
+            when = f"{job.reviewed_at:%Y-%m-%d %H:%M:%S}" if job.reviewed_at else "-"
+            lines.append(
+                f"  review          {job.review_decision} by {job.reviewed_by} at {when} UTC: {job.review_reason}"
+            )
         sends = session.scalars(select(SendRow).where(SendRow.job_id == job_id).order_by(SendRow.id)).all()
         if sends:
             lines.append("  sends")
@@ -170,6 +190,31 @@ def describe_job(db: AuditDB, job_id: int) -> str | None:
             )
         # One line per fact: text from scanners (names, descriptions, messages) cannot add or hide lines.
         return "\n".join(escape_controls(line, keep_newlines=False) for line in lines)
+
+
+def qa_table_lines(session: Session, job_id: int) -> list[str]:
+    """The job's QA checks as indented lines: check, quantity, value, levels, verdict, note."""
+    results = session.scalars(select(QAResultRow).where(QAResultRow.job_id == job_id).order_by(QAResultRow.id)).all()
+    if not results:
+        return ["  QA              not run"]
+    verdicts: dict[str, str] = {}
+    for row in results:
+        verdicts[row.check] = max(verdicts.get(row.check, "pass"), row.verdict, key=("pass", "warn", "fail").index)
+    overall = max(verdicts.values(), key=("pass", "warn", "fail").index)
+    rows = []
+    for row in results:
+        sign = ">" if row.worse == "above" else "<"
+        levels = ", ".join(
+            f"{name} {sign} {level:g}"
+            for name, level in (("warn", row.warn_at), ("fail", row.fail_at))
+            if level is not None
+        )
+        value = "-" if row.value is None else f"{row.value:.3g}{' ' + row.unit if row.unit else ''}"
+        rows.append((row.check, row.quantity, value, levels or "-", row.verdict.upper(), row.note))
+    text = table(("check", "quantity", "value", "levels", "verdict", "note"), rows)
+    return [f"  QA              {overall.upper()} (" + ", ".join(f"{c} {v}" for c, v in verdicts.items()) + ")"] + [
+        "    " + line for line in text.splitlines()
+    ]
 
 
 def print_job(config: Config, job_id: int) -> int:

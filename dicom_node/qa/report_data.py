@@ -68,6 +68,8 @@ class TissueRow:
     sct_percent: float  # of the MR's body, in the sCT
     training_min_percent: float | None  # the smallest and largest share seen in the training CTs
     training_max_percent: float | None
+    usual_min_percent: float | None = None  # ... in this model's sCTs of its training MRs (what the check judges by)
+    usual_max_percent: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Histogram:
     edges_hu: tuple[float, ...]
     sct_percent: tuple[float, ...]
     training_percent: tuple[float, ...] | None
+    usual_percent: tuple[float, ...] | None = None  # this model's sCTs of its training MRs (mean over cases)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,7 @@ class ReportData:
                 edges_hu=tuple(histogram["edges_hu"]),
                 sct_percent=tuple(histogram["sct_percent"]),
                 training_percent=tuple(histogram["training_percent"]) if histogram["training_percent"] else None,
+                usual_percent=tuple(histogram["usual_percent"]) if histogram.get("usual_percent") else None,
             ),
             decision=values["decision"],
         )

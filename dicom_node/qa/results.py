@@ -148,9 +148,7 @@ class QAOutcome:
 
 
 def _number(value: float) -> str:
-    """Three significant digits, no exponent for everyday magnitudes."""
-    if value == 0 or not math.isfinite(value):
+    """Three significant digits, no exponent and no trailing zeros: 0.9, 1.25, 7.2, 1234."""
+    if not math.isfinite(value):
         return f"{value:g}"
-    magnitude = math.floor(math.log10(abs(value)))
-    decimals = max(0, 2 - magnitude)
-    return f"{value:.{decimals}f}"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
