@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import DEFAULT_CONFIG_PATH, REPO_ROOT, TLS_KEYS, load_config, parse_config
+from dicom_node.config import DEFAULT_CONFIG_PATH, REPO_ROOT, TLS_KEYS, dump_config, load_config, parse_config
 from dicom_node.errors import ConfigError
 from tests.tls_pki import PKI, encrypted_key, make_pki
 
@@ -68,6 +68,8 @@ def test_every_key_of_the_default_is_documented_by_a_comment():
         ("tls", "certificate"),
         ("tls", "private_key"),
         ("tls", "ca_certificates"),
+        ("qa", "in_distribution_fail"),
+        ("qa", "fov_truncation_warn_percent"),
     ],
 )
 def test_missing_key_is_named(section, key):
@@ -107,6 +109,11 @@ def test_unknown_table_is_named():
         ("node", "tls", "on", r"node\.tls: must be one of off, required"),
         ("node", "tls", True, r"node\.tls must be a string"),
         ("tls", "certificate", 1, r"tls\.certificate must be a string"),
+        ("qa", "body_dice_warn", 1.5, r"qa\.body_dice_warn: must be between 0 and 1"),
+        ("qa", "body_hd95_fail_mm", -1, r"qa\.body_hd95_fail_mm: must be >= 0"),
+        ("qa", "in_distribution_warn", 3.0, r"qa\.in_distribution_warn must be <= qa\.in_distribution_fail"),
+        ("qa", "body_dice_fail", 0.99, r"qa\.body_dice_warn must be >= qa\.body_dice_fail"),
+        ("qa", "uncertainty_p95_warn_hu", "150", r"qa\.uncertainty_p95_warn_hu must be an integer or a number"),
     ],
 )
 def test_wrong_values_are_named(section, key, value, message):
@@ -114,6 +121,28 @@ def test_wrong_values_are_named(section, key, value, message):
     data[section][key] = value
     with pytest.raises(ConfigError, match=message):
         parse_config(data, DEFAULT_CONFIG_PATH)
+
+
+def test_routes_have_a_qa_policy_and_say_what_goes_with_the_sct():
+    config = load_config()
+    assert [(r.qa_policy, r.send_qa_report, r.send_uncertainty) for r in config.routes] == [("hold", True, True)]
+    for key, value, message in (
+        ("qa_policy", "maybe", r"route\[0\]\.qa_policy: must be one of send, hold, block"),
+        ("send_qa_report", "yes", r"route\[0\]\.send_qa_report must be true or false"),
+    ):
+        data = _default()
+        data["route"][0][key] = value
+        with pytest.raises(ConfigError, match=message):
+            parse_config(data, DEFAULT_CONFIG_PATH)
+    data = _default()
+    del data["route"][0]["send_uncertainty"]
+    with pytest.raises(ConfigError, match=r"missing key route\[0\]\.send_uncertainty"):
+        parse_config(data, DEFAULT_CONFIG_PATH)
+
+
+def test_a_dumped_configuration_reads_back_the_same():
+    config = load_config()
+    assert parse_config(tomllib.loads(dump_config(config)), config.source) == config
 
 
 def test_route_must_name_known_destination_and_valid_regex():

@@ -128,9 +128,23 @@ def test_resend_of_failed_job_requeues_when_outbox_is_gone_and_sends_when_presen
     outbox = tmp_path / "job"
     outbox.mkdir()
     (outbox / "CT_0001.dcm").write_bytes(b"x")
-    with db.session() as session:
+    qa_dir = tmp_path / "job_qa"
+    qa_dir.mkdir()
+    with db.session() as session:  # the sCT written, but the QA never finished: computed again, QA included
         job = jobs.claim_next_queued(session)
-        job.output_dir, job.sct_instance_count = str(outbox), 1
+        job.output_dir, job.sct_instance_count, job.qa_dir = str(outbox), 1, str(qa_dir)
+        jobs.transition(session, job, JobState.FAILED, "QA crashed")
+    with db.session() as session:
+        assert jobs.request_resend(session, job_id) == JobState.QUEUED
+    with db.session() as session:  # cleared by its QA, failed in sending; its report is missing: recompute
+        job = jobs.claim_next_queued(session)
+        job.qa_verdict = "pass"
+        jobs.transition(session, job, JobState.FAILED, "send failed")
+    with db.session() as session:
+        assert jobs.request_resend(session, job_id) == JobState.QUEUED
+    (qa_dir / "report.dcm").write_bytes(b"x")
+    with db.session() as session:  # everything there: sent again
+        job = jobs.claim_next_queued(session)
         jobs.transition(session, job, JobState.FAILED, "send failed")
     with db.session() as session:
         assert jobs.request_resend(session, job_id) == JobState.SENDING

@@ -24,7 +24,7 @@ from dicom_node.peers import FileStoreSCP, free_port
 from dicom_node.synthetic_mr import generate_mr_series
 from sct_model.result import PredictorInfo, SCTResult
 from sct_model.volume import Grid, Volume, axial_grid_covering
-from tests.integration.harness import wait_for
+from tests.integration.harness import mechanics_routes, wait_for
 
 
 class UncertainPredictor:
@@ -74,6 +74,7 @@ def _config(tmp_path: Path, pacs_port: int, **model: object):
         series={"quiet_period_s": 0.5, "sweep_interval_s": 0.2},
         sender={"first_retry_s": 0.2, "max_retry_s": 0.5, "max_attempts": 2, "timeout_s": 10.0},
         destinations=(Destination("planning_pacs", "PLANNING", "127.0.0.1", pacs_port),),
+        routes=mechanics_routes(config),
         model=model,
     )
 

@@ -52,6 +52,26 @@ def test_nothing_is_deleted_before_delivery_or_before_its_time(tmp_path):
         assert spool.exists() and outbox.exists()
 
 
+def test_a_held_job_is_never_cleaned_and_a_rejected_one_is_after_its_time(tmp_path):
+    # HELD: waiting for a person, however long (finished_at is not set for a HELD job; set here to be sure
+    # the state alone protects it)
+    config, db, spool, outbox = _setup(tmp_path / "held", JobState.HELD, 400)
+    qa_dir = outbox.with_name(outbox.name + "_qa")
+    qa_dir.mkdir()
+    (qa_dir / "report.pdf").write_bytes(b"%PDF-")
+    with db.session() as session:
+        session.query(JobRow).one().qa_dir = str(qa_dir)
+    assert retention.clean(config, db) == 0
+    assert spool.exists() and outbox.exists() and qa_dir.exists()
+    config, db, spool, outbox = _setup(tmp_path / "rejected", JobState.REJECTED, 40)
+    qa_dir = outbox.with_name(outbox.name + "_qa")
+    qa_dir.mkdir()
+    with db.session() as session:
+        session.query(JobRow).one().qa_dir = str(qa_dir)
+    assert retention.clean(config, db) == 1
+    assert not spool.exists() and not outbox.exists() and not qa_dir.exists()
+
+
 def test_retention_zero_keeps_everything(tmp_path):
     config, db, spool, outbox = _setup(tmp_path, JobState.DONE, 400)
     config = with_overrides(config, jobs={"retention_days": 0})

@@ -46,6 +46,7 @@ class AuditDB:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
         ensure_chain(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # One snapshot per reading session: SQLite's deferred BEGIN gives it (see _sqlite_begin);

@@ -163,9 +163,10 @@ def print_show(config: Config, job_id: int) -> int:
             lines.append(
                 f"  decision        {job.review_decision} by {job.reviewed_by} at {when} UTC: {job.review_reason}"
             )
+        held = job.state == JobState.HELD
     db.dispose()
     print("\n".join(escape_controls(line, keep_newlines=False) for line in lines))
-    if job.state == JobState.HELD:
+    if held:
         source = f" --config {config.source}" if config.source else ""
         print(
             f"\nrelease (send it, once): sct-node review release {job_id} --by NAME --reason TEXT{source}\n"

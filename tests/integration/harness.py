@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from dicom_node.audit import AuditDB
-from dicom_node.config import DEFAULT_CONFIG_PATH, load_config
+from dicom_node.config import DEFAULT_CONFIG_PATH, Config, Route, load_config
 from dicom_node.peers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +48,14 @@ def shared_series(name: str) -> Path:
     if not folder.is_dir():
         pytest.skip(f"the shared MR data is not here: {folder} (see ../shared/data/README.md)")
     return folder
+
+
+def mechanics_routes(config: Config) -> tuple[Route, ...]:
+    """``config``'s routes sending whatever the QA says and only the sCT (see ``node_config``)."""
+    return tuple(
+        dataclasses.replace(route, qa_policy="send", send_qa_report=False, send_uncertainty=False)
+        for route in config.routes
+    )
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
@@ -87,9 +96,25 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def node_config(workdir: Path, *, pacs_port: int, node_port: int | None = None, **sections: dict[str, Any]) -> Path:
-    """A complete config file for a test node under ``workdir`` (the default, changed where tests need)."""
+def node_config(
+    workdir: Path,
+    *,
+    pacs_port: int,
+    node_port: int | None = None,
+    qa_policy: str = "send",
+    send_qa_objects: bool = False,
+    **sections: dict[str, Any],
+) -> Path:
+    """A complete config file for a test node under ``workdir`` (the default, changed where tests need).
+
+    The tests of reception, sending, faults and security send small generated series whose body the
+    field of view cuts: their routes send whatever the QA says and only the sCT (``qa_policy="send"``,
+    no QA objects), so that what they count is the sCT. The QA's own tests ask for the default
+    (``qa_policy="hold"``, ``send_qa_objects=True``).
+    """
     data = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    for route in data["route"]:
+        route.update({"qa_policy": qa_policy, "send_qa_report": send_qa_objects, "send_uncertainty": send_qa_objects})
     data["node"]["port"] = node_port or free_port()
     data["model"]["checkpoint"] = str(load_config().model.checkpoint)  # absolute: this file lives elsewhere
     data["storage"]["root"] = str(workdir / "node")
