@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from dicom_node.config import QAConfig, load_config  # noqa: E402
 from dicom_node.mr_series import check_series, load_mr_volume, read_headers  # noqa: E402
-from dicom_node.qa.checks import QAInputs, run_checks  # noqa: E402
+from dicom_node.qa.checks import QAInputs, mr_body_on_sct, run_checks  # noqa: E402
 from dicom_node.qa.results import PASS  # noqa: E402
 from sct_model.factory import DEMO_CHECKPOINT  # noqa: E402
 from sct_model.sampler import SCTSampler  # noqa: E402
@@ -119,7 +119,8 @@ def cost(sampler: SCTSampler, qa: QAConfig, slices: int, steps: int) -> dict[str
     started = time.perf_counter()
     result = sampler.predict(mr, steps=steps, samples=1, seed=1, output_grid=axial_grid_covering(mr.grid))
     sampling_s = time.perf_counter() - started
-    inputs = QAInputs.of(mr, result, 1)
+    body = mr_body_on_sct(mr, result)
+    inputs = QAInputs.of(mr, result, 1, body)
     run_checks(inputs, qa)  # warm-up (imports, first-call costs)
     tracemalloc.start()
     started = time.perf_counter()
@@ -128,7 +129,7 @@ def cost(sampler: SCTSampler, qa: QAConfig, slices: int, steps: int) -> dict[str
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     started = time.perf_counter()
-    planes = extract_planes(mr, result.hu, result.std_hu, inputs.mr_body)
+    planes = extract_planes(mr, result.hu, result.std_hu, body)
     planes_s = time.perf_counter() - started
     from dicom_node.qa.report_data import Histogram, Provenance, ReportData
 
@@ -179,12 +180,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--timing-slices", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "qa")
+    parser.add_argument(
+        "--reuse-separation", action="store_true", help="take part 1 from --out's qa-separation.json (cost only)"
+    )
     args = parser.parse_args(argv)
     qa = load_config().qa
     sampler = SCTSampler.from_checkpoint(args.checkpoint, device="cpu")
     print(f"checkpoint {args.checkpoint} (sha256 {sampler.checkpoint.file_sha256[:12]}), {args.steps} steps")
-    rows = separation(args, sampler, qa)
-    extra = real_series(sampler, qa, args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = args.out / "qa-separation.json"
+    if args.reuse_separation:
+        stored = json.loads(saved.read_text(encoding="utf-8"))
+        rows, extra = stored["rows"], stored["other"]
+    else:
+        rows = separation(args, sampler, qa)
+        extra = real_series(sampler, qa, args.steps)
+        saved.write_text(json.dumps({"rows": rows, "other": extra}, indent=1), encoding="utf-8")
     timing = cost(sampler, qa, args.timing_slices, args.steps)
 
     inside = [float(r["score"]) for r in rows["in_distribution"]]  # type: ignore[arg-type]
@@ -244,7 +255,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"| report PDF + PNG | {timing['report_s']:.2f} |")
     print(f"peak memory the checks add: {timing['checks_peak_mib']:.0f} MiB")
 
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "qa-benchmark.json").write_text(
         json.dumps({"rows": rows, "other": extra, "timing": timing, "auc": overall}, indent=1), encoding="utf-8"
     )

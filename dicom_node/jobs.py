@@ -32,8 +32,6 @@ from sqlalchemy.orm import Session
 from dicom_node.audit import JobRow, JobState, SeriesRow, add_event, utcnow
 from dicom_node.config import ModelConfig
 from dicom_node.errors import JobStateError
-from dicom_node.qa.layout import deliverables
-from dicom_node.qa.policy import SEND, decide
 
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
@@ -189,18 +187,17 @@ def request_resend(session: Session, job_id: int) -> str:
 
 
 def cleared_for_sending(job: JobRow) -> bool:
-    """Whether the job's QA let its sCT go: the checks ran, and the route's policy sent it or a person
-    released it."""
-    if not job.qa_verdict:
-        return False
-    return job.review_decision == "released" or decide(job.qa_policy, job.qa_verdict) == SEND
+    """Whether the job's QA let its sCT go: the route's policy sent it, or a person released it."""
+    return job.qa_decision == "send" or job.review_decision == "released"
+
+
+def qa_objects(job: JobRow) -> list[Path]:
+    """The QA objects that go with the job's sCT (fixed when its checks ran)."""
+    return [Path(job.qa_dir) / name for name in job.qa_deliverables or []]
 
 
 def _outbox_complete(job: JobRow) -> bool:
     folder = Path(job.output_dir) if job.output_dir else None
     if folder is None or not (folder.is_dir() and len(list(folder.glob("*.dcm"))) == job.sct_instance_count > 0):
         return False
-    extras = deliverables(
-        Path(job.qa_dir), send_qa_report=job.send_qa_report, send_uncertainty=job.send_uncertainty, samples=job.samples
-    )
-    return all(path.is_file() for path in extras)
+    return all(path.is_file() for path in qa_objects(job))

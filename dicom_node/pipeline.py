@@ -25,8 +25,8 @@ from dicom_node.audit import AuditDB, JobRow, JobState, QAResultRow, SendRow, ad
 from dicom_node.config import Config
 from dicom_node.errors import SctNodeError
 from dicom_node.mr_series import check_series, load_mr_volume, read_headers
-from dicom_node.qa.gate import GateJob, GateResult, run_gate
-from dicom_node.qa.layout import deliverables, qa_folder
+from dicom_node.qa.gate import GateJob, GateResult, draw_report_pages, run_gate
+from dicom_node.qa.layout import qa_folder
 from dicom_node.qa.policy import DECISION_TEXT, HOLD, SEND
 from dicom_node.sct_writer import build_sct_series, write_series
 from dicom_node.series import CheckedSeriesCache, series_instance_paths
@@ -87,7 +87,11 @@ def run_queued_jobs(ctx: PipelineContext, after_each: Callable[[], None] | None 
         run_job(ctx, job_id)
         count += 1
         if after_each is not None:
-            after_each()
+            after_each()  # the sender starts on the job before its report's pages are drawn
+        try:
+            draw_report_pages(ctx.job_qa_folder(job_id))
+        except Exception:  # the pages serve people; the job is not touched (review show draws them)
+            log.exception("job %d: drawing the QA report's pages failed", job_id)
 
 
 def run_job(ctx: PipelineContext, job_id: int) -> None:
@@ -209,7 +213,8 @@ def record_gate(session: Session, job: JobRow, gate: GateResult, folder: Path, w
                 measured_at=now,
             )
         )
-    job.qa_verdict, job.qa_dir = gate.outcome.verdict, str(folder)
+    job.qa_verdict, job.qa_decision, job.qa_dir = gate.outcome.verdict, gate.decision, str(folder)
+    job.qa_deliverables = list(gate.deliverables)
     job.review_decision, job.reviewed_by, job.review_reason, job.reviewed_at = "", "", "", None
     add_event(
         session,
@@ -272,12 +277,7 @@ def send_job(ctx: PipelineContext, job_id: int) -> None:
             job.error = "its sCT was not cleared by the QA gate (no QA result, or held and not released)"
             jobs.transition(session, job, JobState.FAILED, f"not sent: {job.error}; resend computes it again with QA")
             return
-        qa_objects = deliverables(
-            Path(job.qa_dir),
-            send_qa_report=job.send_qa_report,
-            send_uncertainty=job.send_uncertainty,
-            samples=job.samples,
-        )
+        qa_objects = jobs.qa_objects(job)
         delivered = set(
             session.scalars(select(SendRow.destination).where(SendRow.job_id == job_id, SendRow.ok.is_(True)))
         )

@@ -31,7 +31,7 @@ from dicom_node.audit import (
     event_hash,
     utcnow,
 )
-from dicom_node.audit.chain import verify_chain
+from dicom_node.audit.verify import verify_chain
 from dicom_node.config import DEFAULT_CONFIG_PATH, load_config
 from dicom_node.errors import AuditChainError
 from tests.integration.harness import dump_toml

@@ -9,8 +9,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dicom_node.audit import AuditDB, JobRow, JobState, SeriesRow, add_event, utcnow
-from dicom_node.audit.chain import verify_chain
 from dicom_node.audit.db import add_missing_columns
+from dicom_node.audit.verify import verify_chain
 
 NEW_JOB_COLUMNS = (
     "qa_policy",

@@ -53,3 +53,32 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     montage = output / "montage.png"
     assert montage.exists() and montage.stat().st_size > 1000
     assert str(montage) in printed
+    # the QA verdicts and the report
+    assert "QA              PASS" in printed and "in_distribution  score" in printed
+    assert (output / "node" / "outbox" / "job_1_qa" / "report.pdf").exists()
+
+
+def test_demo_with_a_series_the_checkpoint_does_not_know_says_held_why_and_how_to_release(tmp_path, capsys):
+    import numpy as np
+
+    from dicom_node.audit import AuditDB, JobRow, JobState
+    from dicom_node.synthetic_mr import write_volume_series
+    from training.ood import make_ood
+    from training.phantoms import make_phantom
+
+    phantom = make_phantom("AB", seed=31, shape_zyx=(64, 64, 64), spacing_mm=(3.0, 3.0, 3.0))
+    meat = make_ood("unseen_anatomy", phantom, np.random.default_rng(31))
+    write_volume_series(meat, tmp_path / "meat", series_description="T2 PORCINE PHANTOM")
+    output = tmp_path / "demo"
+    assert main(["demo", "--input", str(tmp_path / "meat"), "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    config = output / "node" / "config.toml"
+    assert "job 1 is HELD" in printed
+    assert "in_distribution.score" in printed and ": fail" in printed  # why
+    command = f"sct-node review release 1 --by NAME --reason TEXT --config {config}"
+    assert command in printed
+    assert main(["review", "release", "1", "--by", "Dr Curie", "--reason", "demo", "--config", str(config)]) == 0
+    db = AuditDB(f"sqlite:///{output / 'node' / 'audit.sqlite'}")
+    with db.session() as session:
+        assert session.get(JobRow, 1).state == JobState.SENDING  # the demo's node has stopped: it waits to be sent
+    db.dispose()

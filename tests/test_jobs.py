@@ -138,7 +138,7 @@ def test_resend_of_failed_job_requeues_when_outbox_is_gone_and_sends_when_presen
         assert jobs.request_resend(session, job_id) == JobState.QUEUED
     with db.session() as session:  # cleared by its QA, failed in sending; its report is missing: recompute
         job = jobs.claim_next_queued(session)
-        job.qa_verdict = "pass"
+        job.qa_verdict, job.qa_decision, job.qa_deliverables = "pass", "send", ["report.dcm"]
         jobs.transition(session, job, JobState.FAILED, "send failed")
     with db.session() as session:
         assert jobs.request_resend(session, job_id) == JobState.QUEUED

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--model-version", default="1", help="model version in the checkpoint")
     ldm.add_argument("--intended-use", default="demo, not for clinical use")
     ldm.add_argument("--data-note", default="", help="how the data was made (kept in the checkpoint)")
+    ldm.add_argument(
+        "--qa-reference-steps", type=int, default=25, help="sampling steps of the QA reference's sCTs (the node's)"
+    )
 
     unet = commands.add_parser("baseline-unet", help="train the supervised 3D UNet baseline")
     _add_training_options(unet, steps=2000, lr=2e-4, batch_size=2)
@@ -226,6 +229,7 @@ def _run_ldm(args: argparse.Namespace) -> int:
         version=args.model_version,
         intended_use=args.intended_use,
         data_note=args.data_note,
+        qa_reference_steps=args.qa_reference_steps,
         **({"val_cases": args.val_cases} if args.val_cases is not None else {}),
     )
     path, sha256 = train_ldm(_data_options(args), args.vae, args.out, _loop_options(args), options)

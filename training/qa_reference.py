@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 25  # the node's default sampling steps
 SEED = 0
+MIN_REFERENCE_CASES = 5  # fewer cases say nothing about a distribution
 
 
 def compute_reference(
@@ -53,8 +54,8 @@ def compute_reference(
     """The reference of ``checkpoint`` from its training ``cases``: the MR features (its own encoder),
     the tissue composition of the CTs inside their mask and of its own sCTs of the MRs (``steps``
     sampling steps, one sample, seed 0) inside the MR's body, as the node computes them."""
-    if len(cases) < 5:
-        raise DataError(f"a QA reference needs at least 5 training cases, got {len(cases)}")
+    if len(cases) < MIN_REFERENCE_CASES:
+        raise DataError(f"a QA reference needs at least {MIN_REFERENCE_CASES} training cases, got {len(cases)}")
     sampler = SCTSampler(checkpoint, device=device)
     config = checkpoint.preprocessing
     encoder = checkpoint.model.mr_encoder

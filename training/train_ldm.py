@@ -53,6 +53,7 @@ from training.loop import (
     training_device,
     write_json,
 )
+from training.qa_reference import MIN_REFERENCE_CASES, compute_reference
 from training.train_vae import CaseArrays, TrainedVAE, encode_volume, load_vae, model_arrays
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class LDMOptions:
     version: str = "1"
     intended_use: str = "demo, not for clinical use"
     data_note: str = ""  # free text for the checkpoint's training-data description (how the data was made)
+    qa_reference_steps: int = 25  # sampling steps of the QA reference's sCTs of the training cases (the node's)
 
     def __post_init__(self) -> None:
         if self.latent_cache not in LATENT_CACHE_CHOICES:
@@ -375,7 +377,25 @@ def train_ldm(
     }
     result = run_training(task, dataset, loop, run_dir, device, resume_state=resume_state, extra_state=extra)
     path = run_dir / "checkpoint.pt"
-    sha256 = save_checkpoint(task.checkpoint(), path)
+    checkpoint = task.checkpoint()
+    if len(split.train) >= MIN_REFERENCE_CASES:  # the statistics the node's QA checks compare with
+        log.info("QA reference: MR features and tissue composition of the %d training cases", len(split.train))
+        reference = compute_reference(
+            checkpoint,
+            split.train,
+            description=f"the {len(split.train)} training cases of {data.root}",
+            device=str(device),
+            steps=options.qa_reference_steps,
+        )
+        checkpoint = dataclasses.replace(checkpoint, qa_reference=reference)
+    else:
+        log.warning(
+            "only %d training case(s): too few for the QA reference (at least %d); the node's in_distribution "
+            "and hu_plausibility checks will fail this checkpoint's sCTs",
+            len(split.train),
+            MIN_REFERENCE_CASES,
+        )
+    sha256 = save_checkpoint(checkpoint, path)
     write_json(
         run_dir / "ldm_summary.json",
         {

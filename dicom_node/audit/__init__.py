@@ -1,7 +1,8 @@
 """The audit database, one package imported one way: ``models`` (tables and states) ← ``chain``
-(the events' hash chain: append, migrate, verify) ← ``db`` (``AuditDB``: engine, sessions,
-migrations) ← ``instances`` (received instances, batched); ``report`` (what ``sct-node audit``
-prints) uses them all and nothing here imports it.
+(the events' hash chain: append, set up, migrate) ← ``db`` (``AuditDB``: engine, sessions, added
+columns) ← ``instances`` (received instances, batched) and ``verify`` (the chain checked, a
+deleted head restored); ``report`` (what ``sct-node audit`` prints) uses them all, and nothing
+here imports it.
 
 The names the rest of the node uses are re-exported here: ``from dicom_node.audit import AuditDB,
 JobRow, add_event``.

@@ -139,7 +139,11 @@ class JobRow(Base):
     send_qa_report: Mapped[bool] = mapped_column(Boolean, default=True)
     send_uncertainty: Mapped[bool] = mapped_column(Boolean, default=True)
     qa_verdict: Mapped[str] = mapped_column(String(8), default="", index=True)
+    qa_decision: Mapped[str] = mapped_column(String(8), default="")  # the policy's: "send", "hold" or "reject"
     qa_dir: Mapped[str] = mapped_column(Text, default="")
+    # The files of qa_dir that go to the destinations with the sCT (the report, the uncertainty map),
+    # fixed when the checks ran: the sender sends them, a resend checks they are there.
+    qa_deliverables: Mapped[list[str]] = mapped_column(JSON, default=list)
     # A person's decision on a HELD job (sct-node review release | reject); also an audit event.
     review_decision: Mapped[str] = mapped_column(String(16), default="")  # "released" or "rejected"
     reviewed_by: Mapped[str] = mapped_column(String(64), default="")

@@ -11,9 +11,9 @@ from pathlib import Path
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
-from dicom_node.audit.chain import restore_head, verify_chain
 from dicom_node.audit.db import AuditDB
 from dicom_node.audit.models import EventRow, InstanceRow, JobRow, QAResultRow, SendRow, SeriesRow
+from dicom_node.audit.verify import restore_head, verify_chain
 from dicom_node.config import Config
 from dicom_node.errors import AuditChainError
 from dicom_node.text_safety import escape_controls

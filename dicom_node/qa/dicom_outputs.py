@@ -18,6 +18,7 @@ import copy
 import datetime as dt
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -226,44 +227,49 @@ def build_uncertainty_map(
         intercept=0.0,
         quantity_definition=STANDARD_DEVIATION,
     )
-    pm = hd.pm.ParametricMap(
-        source_images=sources,
-        pixel_array=values,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=model,
-        software_versions=_lo(f"{MANUFACTURER} {__version__}"),
-        device_serial_number=_lo(device_serial_number) or MANUFACTURER,
-        contains_recognizable_visual_features=True,  # the body outline of a head may show its face
-        real_world_value_mappings=[mapping],
-        voi_lut_transformations=[
-            hd.VOILUTTransformation(
-                window_center=[window_width / 2.0],
-                window_width=[window_width],
-                window_explanation=["SD 0 TO P99"],
-            )
-        ],
-        content_description=UNCERTAINTY_CONTENT_DESCRIPTION,
-        content_label=UNCERTAINTY_CONTENT_LABEL,
-        content_qualification="RESEARCH" if "demo" in model.lower() else "PRODUCT",
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                MANUFACTURER,
-                SYNTHESIZING_EQUIPMENT,
-                software_versions=_lo(f"{MANUFACTURER} {__version__}"),
-                contribution_datetime=created_local.strftime("%Y%m%d%H%M%S%z"),
-                contribution_description="Standard deviation of the synthetic CT over the diffusion samples",
-            )
-        ],
-        series_description=UNCERTAINTY_SERIES_DESCRIPTION,
-        series_date=created_local.date(),
-        series_time=created_local.time().replace(microsecond=0),
-        content_date=created_local.date(),
-        content_time=created_local.time().replace(microsecond=0),
-    )
+    # highdicom warns (UserWarning) about values it copies from the source headers, quoting them: a
+    # patient name among them. Identifiers never go to the node's log, so its warnings are not shown
+    # (the values are the MR's own, which the sCT carries as they are).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pm = hd.pm.ParametricMap(
+            source_images=sources,
+            pixel_array=values,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=model,
+            software_versions=_lo(f"{MANUFACTURER} {__version__}"),
+            device_serial_number=_lo(device_serial_number) or MANUFACTURER,
+            contains_recognizable_visual_features=True,  # the body outline of a head may show its face
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[
+                hd.VOILUTTransformation(
+                    window_center=[window_width / 2.0],
+                    window_width=[window_width],
+                    window_explanation=["SD 0 TO P99"],
+                )
+            ],
+            content_description=UNCERTAINTY_CONTENT_DESCRIPTION,
+            content_label=UNCERTAINTY_CONTENT_LABEL,
+            content_qualification="RESEARCH" if "demo" in model.lower() else "PRODUCT",
+            contributing_equipment=[
+                hd.ContributingEquipment(
+                    MANUFACTURER,
+                    SYNTHESIZING_EQUIPMENT,
+                    software_versions=_lo(f"{MANUFACTURER} {__version__}"),
+                    contribution_datetime=created_local.strftime("%Y%m%d%H%M%S%z"),
+                    contribution_description="Standard deviation of the synthetic CT over the diffusion samples",
+                )
+            ],
+            series_description=UNCERTAINTY_SERIES_DESCRIPTION,
+            series_date=created_local.date(),
+            series_time=created_local.time().replace(microsecond=0),
+            content_date=created_local.date(),
+            content_time=created_local.time().replace(microsecond=0),
+        )
     date, time = created_local.strftime("%Y%m%d"), created_local.strftime("%H%M%S")
     for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
         pm.add_new(keyword, "DA" if keyword.endswith("Date") else "TM", date if keyword.endswith("Date") else time)

@@ -6,7 +6,8 @@ after a crash writes the same files, and a person's later decision can redraw th
 the volumes:
 
 - ``report.json``, ``report-planes.npz``: what the report shows (``report_data``);
-- ``report.pdf``, ``report-page-<k>.png``: the report (``report``), the PNGs for the review page;
+- ``report.pdf``, ``report-page-<k>.png``: the report (``report``), the PNGs for the review page
+  (drawn after the job has moved on: ``draw_report_pages``);
 - ``report-dicom.json``, ``mr-header.dcm``: the UIDs, the referenced instances and the MR's patient
   and study attributes, to rebuild ``report.dcm`` with the reviewer's decision;
 - ``report.dcm``: the report as an Encapsulated PDF (when the route sends it);
@@ -30,11 +31,11 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import QAConfig
-from dicom_node.qa.checks import QAInputs, run_checks
+from dicom_node.qa.checks import QAInputs, mr_body_on_sct, run_checks
 from dicom_node.qa.dicom_outputs import build_report_document, build_uncertainty_map, write_dataset
-from dicom_node.qa.layout import MR_HEADER_DCM, REPORT_DCM, REPORT_DICOM_JSON, UNCERTAINTY_DCM
+from dicom_node.qa.layout import MR_HEADER_DCM, REPORT_DCM, REPORT_DICOM_JSON, UNCERTAINTY_DCM, deliverables
 from dicom_node.qa.policy import DECISION_TEXT, decide
-from dicom_node.qa.report import extract_planes, redraw_report, write_report
+from dicom_node.qa.report import draw_pages, extract_planes, redraw_report, write_report
 from dicom_node.qa.report_data import Histogram, Provenance, ReportData, Review, TissueRow, write_atomically
 from dicom_node.qa.results import QAOutcome
 from dicom_node.sct_writer import MAX_IS, PATIENT_LEVEL_KEYWORDS, SCTSeries, sop_instance_uid
@@ -68,6 +69,7 @@ class GateJob:
 class GateResult:
     outcome: QAOutcome
     decision: str  # policy.SEND, HOLD or REJECT
+    deliverables: tuple[str, ...]  # the files of the QA folder that go to the destinations with the sCT
     timings_s: dict[str, float]  # "qa" (the checks), "qa_outputs" (report and DICOM objects), "qa.<check>"
 
 
@@ -88,14 +90,15 @@ def run_gate(
 ) -> GateResult:
     """Check the job's sCT, write its QA folder, and say what the route's policy makes of the verdicts."""
     started = time.perf_counter()
-    inputs = QAInputs.of(mr, result, job.samples)
-    outcome, check_seconds = run_checks(inputs, qa)
+    body = mr_body_on_sct(mr, result)  # full resolution: the checks may look at every n-th voxel
+    outcome, check_seconds = run_checks(QAInputs.of(mr, result, job.samples, body), qa)
     decision = decide(job.qa_policy, outcome.verdict)
     checked = time.perf_counter()
 
     folder.mkdir(parents=True, exist_ok=True)
-    data = _report_data(job, mr_headers, result, sct_series, outcome, inputs.mr_body, DECISION_TEXT[decision])
-    rendered = write_report(folder, data, extract_planes(mr, result.hu, result.std_hu, inputs.mr_body))
+    data = _report_data(job, mr_headers, result, sct_series, outcome, body, DECISION_TEXT[decision])
+    planes = extract_planes(mr, result.hu, result.std_hu, body)
+    rendered = write_report(folder, data, planes, pages=False)  # the PNG pages later: draw_pages
     series_number = int(sct_series.dataset(0).SeriesNumber)
     sources = [(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in _unique(mr_headers)] + [
         (sct_series.dataset(0).SOPClassUID, str(sop_instance_uid(job.sct_series_uid, i, job.uid_root)))
@@ -120,7 +123,16 @@ def run_gate(
     finished = time.perf_counter()
     timings = {"qa": checked - started, "qa_outputs": finished - checked}
     timings.update({f"qa.{name}": seconds for name, seconds in check_seconds.items()})
-    return GateResult(outcome, decision, timings)
+    sent = deliverables(
+        folder, send_qa_report=job.send_qa_report, send_uncertainty=job.send_uncertainty, samples=job.samples
+    )
+    return GateResult(outcome, decision, tuple(path.name for path in sent), timings)
+
+
+def draw_report_pages(folder: Path) -> None:
+    """The report's PNG pages for the review page, once the job is on its way (not on the sCT's path)."""
+    if (folder / REPORT_DICOM_JSON).is_file():
+        draw_pages(folder)
 
 
 def record_review(folder: Path, review: Review, *, rebuild_document: bool) -> None:

@@ -330,8 +330,10 @@ class _Block:
         self.height, self.draw, self.new_page, self.continued = height, draw, new_page, continued
 
 
-def render_report(data: ReportData, planes: Planes, review: Review | None = None) -> RenderedReport:
-    """The report as PDF bytes and one PNG per page."""
+def render_report(
+    data: ReportData, planes: Planes, review: Review | None = None, *, pdf: bool = True, png: bool = True
+) -> RenderedReport:
+    """The report as PDF bytes and one PNG per page (either can be left out: b"" and ())."""
     measure = _Measure()
     blocks = [
         _header_block(data, review, measure),
@@ -362,14 +364,15 @@ def render_report(data: ReportData, planes: Planes, review: Review | None = None
         "Keywords": f"synthetic CT; sCT; QA; {data.outcome.verdict}",
         "Producer": f"sct-node {__version__} (matplotlib {matplotlib.__version__})",
     }
-    with PdfPages(buffer, metadata=metadata) as pdf:
-        for page in pages:
-            pdf.savefig(page.figure)
+    if pdf:
+        with PdfPages(buffer, metadata=metadata) as document:
+            for page in pages:
+                document.savefig(page.figure)
     pngs = []
-    for page in pages:
-        png = io.BytesIO()
-        page.figure.savefig(png, format="png", dpi=PNG_DPI, facecolor="white")
-        pngs.append(png.getvalue())
+    for page in pages if png else ():
+        image = io.BytesIO()
+        page.figure.savefig(image, format="png", dpi=PNG_DPI, facecolor="white")
+        pngs.append(image.getvalue())
     return RenderedReport(pdf=buffer.getvalue(), pages_png=tuple(pngs))
 
 
@@ -863,12 +866,18 @@ def _number(value: float | None) -> str:
 # --- files ---------------------------------------------------------------------------------------------------
 
 
-def write_report(folder: Path, data: ReportData, planes: Planes, review: Review | None = None) -> RenderedReport:
+def write_report(
+    folder: Path, data: ReportData, planes: Planes, review: Review | None = None, *, pages: bool = True
+) -> RenderedReport:
     """Store what the report shows (report.json, report-planes.npz) in ``folder`` and write the report
-    (report.pdf, report-page-<k>.png); every file atomically."""
+    (report.pdf and, with ``pages``, report-page-<k>.png: ``draw_pages`` draws them later); every file
+    atomically."""
     folder = Path(folder)
-    rendered = render_report(data, planes, review)
+    rendered = render_report(data, planes, review, png=pages)
     folder.mkdir(parents=True, exist_ok=True)
+    if not pages:  # those of an earlier run of the job are not this report's
+        for stale in folder.glob(PAGE_PNG.format("*")):
+            stale.unlink(missing_ok=True)
     data.save(folder)
     planes.save(folder)
     _write_rendered(folder, rendered)
@@ -886,10 +895,25 @@ def redraw_report(folder: Path, review: Review | None) -> RenderedReport:
     return rendered
 
 
+def draw_pages(folder: Path, review: Review | None = None) -> int:
+    """The report's pages as PNG (for the review page), drawn from the stored data when they are not there
+    yet (a job's report is written as PDF first, so that the sCT goes out sooner); returns how many."""
+    folder = Path(folder)
+    existing = sorted(folder.glob(PAGE_PNG.format("*")))
+    if existing:
+        return len(existing)
+    rendered = render_report(ReportData.load(folder), Planes.load(folder), review, pdf=False)
+    _write_rendered(folder, rendered)
+    return len(rendered.pages_png)
+
+
 def _write_rendered(folder: Path, rendered: RenderedReport) -> None:
     for number, png in enumerate(rendered.pages_png, start=1):
         write_atomically(folder / PAGE_PNG.format(number), png)
-    write_atomically(folder / REPORT_PDF, rendered.pdf)
+    if rendered.pdf:
+        write_atomically(folder / REPORT_PDF, rendered.pdf)
+    if not rendered.pages_png:
+        return
     for stale in folder.glob(PAGE_PNG.format("*")):
         match = re.fullmatch(PAGE_PNG.format(r"(\d+)").replace(".", r"\."), stale.name)
         if match and int(match.group(1)) > len(rendered.pages_png):

@@ -21,7 +21,7 @@ from dicom_node.audit import AuditDB, JobRow, JobState, QAResultRow, SeriesRow, 
 from dicom_node.audit.report import open_existing, qa_table_lines, table
 from dicom_node.config import Config
 from dicom_node.errors import JobStateError
-from dicom_node.qa.gate import record_review
+from dicom_node.qa.gate import draw_report_pages, record_review
 from dicom_node.qa.layout import PAGE_PNG, REPORT_PDF
 from dicom_node.qa.report_data import Review
 from dicom_node.text_safety import escape_controls
@@ -154,6 +154,8 @@ def print_show(config: Config, job_id: int) -> int:
         ]
         if job.qa_dir:
             folder = Path(job.qa_dir)
+            if folder.is_dir():
+                draw_report_pages(folder)  # when the node stopped before it drew them
             pages = sorted(folder.glob(PAGE_PNG.format("*")))
             lines.append(
                 f"  report          {folder / REPORT_PDF}" + (f" ({len(pages)} page PNGs beside it)" if pages else "")

@@ -113,8 +113,6 @@ def node_config(
     (``qa_policy="hold"``, ``send_qa_objects=True``).
     """
     data = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
-    for route in data["route"]:
-        route.update({"qa_policy": qa_policy, "send_qa_report": send_qa_objects, "send_uncertainty": send_qa_objects})
     data["node"]["port"] = node_port or free_port()
     data["model"]["checkpoint"] = str(load_config().model.checkpoint)  # absolute: this file lives elsewhere
     data["storage"]["root"] = str(workdir / "node")
@@ -128,6 +126,8 @@ def node_config(
             data[section].update(values)
         else:
             data[section] = values
+    for route in data["route"]:  # the routes of the default and those a test gave
+        route.update({"qa_policy": qa_policy, "send_qa_report": send_qa_objects, "send_uncertainty": send_qa_objects})
     path = workdir / "node.toml"
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_toml(data), encoding="utf-8")

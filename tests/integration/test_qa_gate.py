@@ -31,7 +31,7 @@ def test_held_job_survives_kill9_and_its_release_delivers_once_to_orthanc(orthan
         db = node.db()
 
         def job_in(*states: str) -> JobRow | None:
-            with db.reading() as session:
+            with db.session() as session:
                 job = session.scalars(select(JobRow)).first()
                 if job is not None and job.state == JobState.FAILED:
                     raise AssertionError(f"job failed: {job.error}\n{node.log_text()[-3000:]}")

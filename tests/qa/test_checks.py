@@ -287,3 +287,19 @@ def test_fit_feature_distribution_scores_its_own_kind_near_one() -> None:
     assert max(distribution.training_scores) > 1.0
     with pytest.raises(ValueError):
         fit_feature_distribution(rows[:3], ("a", "b", "c"))
+
+
+def test_big_grids_are_checked_on_every_nth_voxel_with_the_same_centres() -> None:
+    from dicom_node.qa.checks import MAX_CHECK_VOXELS, every, stride_for
+
+    small = _grid((50, 100, 100))
+    assert stride_for(small) == 1 and every(Volume(np.zeros((50, 100, 100)), small), 1).grid == small
+    big = Grid(size=(285, 347, 346), spacing_mm=(0.9, 0.9, 0.6), origin_mm=(-100.0, -120.0, -50.0))
+    step = stride_for(big)
+    assert step == 2 and np.prod([-(-n // step) for n in big.size]) <= MAX_CHECK_VOXELS
+    array = np.arange(np.prod(big.shape_zyx), dtype=np.float32).reshape(big.shape_zyx)
+    coarse = every(Volume(array, big), step)
+    assert coarse.grid.spacing_mm == (1.8, 1.8, 1.2) and coarse.grid.origin_mm == big.origin_mm
+    index = np.array([[3.0, 5.0, 7.0]])  # a coarse voxel lies where the fine voxel at twice its index lies
+    np.testing.assert_allclose(coarse.grid.index_to_point(index), big.index_to_point(2 * index))
+    assert coarse.array[7, 5, 3] == array[14, 10, 6]

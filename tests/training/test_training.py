@@ -4,6 +4,7 @@ the UNet baseline, the evaluation report; and the pieces of the training loop on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from sct_model.checkpoint import Checkpoint, load_checkpoint
+from sct_model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from sct_model.networks import SchedulerConfig, preset
 from sct_model.preprocessing import PreprocessingConfig
 from sct_model.result import HU_MAX, HU_MIN
@@ -21,7 +22,7 @@ from sct_model.sampler import SCTSampler
 from tests.sct_model.phantom import HEAD_CENTRE_LPS, grid_around, head_mr, rotation
 from training.baselines import UNetBaselinePredictor
 from training.cli import main
-from training.data import find_cases, load_case
+from training.data import DataError, find_cases, load_case
 from training.loop import (
     EMA,
     GradientStep,
@@ -32,6 +33,7 @@ from training.loop import (
     lr_lambda,
     read_metrics,
 )
+from training.qa_reference import compute_reference
 from training.train_ldm import LatentPatches, diffusion_target
 from training.train_vae import load_vae
 
@@ -129,6 +131,51 @@ def test_ldm_checkpoint_describes_itself_and_predicts_an_arbitrary_mr(ldm_run: P
     assert result.info.checkpoint_sha256 == checkpoint.file_sha256
     again = sampler.predict(mr, steps=3, samples=2, seed=1)
     np.testing.assert_array_equal(again.hu.array, hu)
+
+
+def test_the_qa_reference_of_a_checkpoint_is_computed_from_training_cases_and_travels_in_it(
+    data: Path, ldm_run: Path, tmp_path: Path
+):
+    checkpoint = load_checkpoint(ldm_run / "checkpoint.pt")
+    assert checkpoint.qa_reference is None  # 4 training cases: too few, the run said so and wrote none
+    cases = find_cases(data)  # all 8 phantoms stand in for a training set here
+    reference = compute_reference(checkpoint, cases, description="test", steps=2, progress=False)
+    encoder = checkpoint.model.mr_encoder
+    assert (
+        reference.cases == 8 and len(reference.features.names) == 2 * (encoder.channels[0] + encoder.out_channels) + 8
+    )
+    assert len(reference.features.training_scores) == 8 and reference.features.unit_distance > 0
+    stats = reference.tissues
+    for low, high in zip(stats.sct_fraction_min, stats.sct_fraction_max, strict=True):
+        assert 0.0 <= low <= high <= 1.0
+    assert sum(stats.ct_histogram_mean) == pytest.approx(1.0)
+    path = tmp_path / "with-reference.pt"
+    save_checkpoint(dataclasses.replace(checkpoint, qa_reference=reference), path)
+    loaded = load_checkpoint(path)
+    assert loaded.qa_reference == reference  # exactly, through the file
+    mr, _, _ = load_case(cases[0])
+    result = SCTSampler(loaded, device="cpu").predict(mr, steps=2, samples=1, seed=0)
+    assert result.reference == reference and result.mr_features is not None
+    assert reference.features.score(result.mr_features) < 3.0  # one of its own cases
+    with pytest.raises(DataError, match="at least 5"):
+        compute_reference(checkpoint, cases[:4], description="too few", steps=2, progress=False)
+    # sct-train qa-reference: the checkpoint names 4 training cases, too few
+    assert (
+        main(
+            [
+                "qa-reference",
+                "--checkpoint",
+                str(ldm_run / "checkpoint.pt"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "x.pt"),
+                "--steps",
+                "2",
+            ]
+        )
+        == 1
+    )
 
 
 def test_resume_continues_at_the_exact_step(data: Path, tmp_path: Path):
