@@ -10,8 +10,10 @@ parallel associations (destination.associations).
 
 Runs ``sct-node serve`` (a subprocess, as in production) and Orthanc on free ports, sends a
 ``--slices`` MR series built from the GE series of ../shared/data with DCMTK storescu, and polls
-Orthanc until the whole sCT series is stored. The split comes from the job's audit row: quiet
-period, series check, load, sampling, writing, sending; "scheduling" is what the stages do not explain (sweep
+Orthanc until the whole sCT series is stored. The node runs the default configuration: the QA gate
+(policy "hold") and its report go with the sCT. The split comes from the job's audit row: quiet
+period, series check, load, sampling, writing, QA checks, QA outputs (the report's PDF, its DICOM
+object), sending; "scheduling" is what the stages do not explain (sweep
 and runner ticks, Orthanc's indexing). The node's own overhead is the total without the quiet
 period and the sampling, which must stay under 5 s for a 300-slice series.
 """
@@ -41,7 +43,7 @@ from dicom_node.peers import Orthanc, free_port  # noqa: E402
 from tests.integration.harness import NodeProcess, node_config, require_binary, storescu, wait_for  # noqa: E402
 
 OVERHEAD_LIMIT_S = 5.0
-STAGES = ("quiet_period", "check", "load", "sampling", "writing", "sending")
+STAGES = ("quiet_period", "check", "load", "sampling", "writing", "qa", "qa_outputs", "sending")
 
 
 class StoreSCP:
@@ -98,6 +100,8 @@ def one_run(
         config = node_config(
             workdir,
             pacs_port=pacs.dicom_port,
+            qa_policy="hold",  # the default configuration: the QA gate and its report go with the sCT
+            send_qa_objects=True,
             destination=[
                 {
                     "name": "planning_pacs",

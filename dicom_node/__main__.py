@@ -166,7 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f"{destination.ae_title}@{destination.host}:{destination.port}"
             print(f"  destination {destination.name}: {where}{' over TLS' if destination.tls else ''}")
         for route in config.routes:
-            print(f"  route {route.name} -> {', '.join(route.destinations)}")
+            sent = [
+                name
+                for name, on in (("QA report", route.send_qa_report), ("uncertainty", route.send_uncertainty))
+                if on
+            ]
+            print(
+                f"  route {route.name} -> {', '.join(route.destinations)} (QA policy {route.qa_policy}"
+                + (f"; with the {' and '.join(sent)}" if sent else "")
+                + ")"
+            )
         return 0
     if args.command == "resend":
         return cmd_resend(config, args.job)

@@ -23,6 +23,7 @@ import datetime as dt
 import io
 import math
 import re
+import threading
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -282,6 +283,18 @@ class _Measure:
         return lines or [""]
 
 
+_measures = threading.local()
+
+
+def _measure() -> _Measure:
+    """This thread's measurer: its widths are kept from one report to the next (titles, labels and the
+    words of the notes recur), and a renderer is never shared between threads."""
+    found = getattr(_measures, "measure", None)
+    if found is None or len(found._cache) > 50_000:
+        found = _measures.measure = _Measure()
+    return found
+
+
 # --- pages ---------------------------------------------------------------------------------------------------
 
 
@@ -334,7 +347,7 @@ def render_report(
     data: ReportData, planes: Planes, review: Review | None = None, *, pdf: bool = True, png: bool = True
 ) -> RenderedReport:
     """The report as PDF bytes and one PNG per page (either can be left out: b"" and ())."""
-    measure = _Measure()
+    measure = _measure()
     blocks = [
         _header_block(data, review, measure),
         *_checks_blocks(data, measure),
@@ -730,7 +743,7 @@ def _orientation_letters(axes: matplotlib.axes.Axes, plane_index: int) -> None:
 
 def _histogram_block(data: ReportData, measure: _Measure) -> _Block:
     tissues = data.tissues
-    table_w = 2.9
+    table_w = 3.21
     plot_w = CONTENT_W - table_w - 0.55
     plot_h = 2.3
     row_h = 0.17
@@ -744,7 +757,7 @@ def _histogram_block(data: ReportData, measure: _Measure) -> _Block:
         _draw_histogram(axes, data)
         # The tissue classes
         x = MARGIN_X + CONTENT_W - table_w
-        widths = (0.8, 0.75, 0.4, 0.5, 0.45)
+        widths = (0.8, 0.75, 0.42, 0.62, 0.62)
         titles = ("Tissue", "HU range", "sCT %", "usual %", "CTs %")
         page.box(x, y + 0.05, table_w, row_h, fill=HEADER_BG)
         for column, title in enumerate(titles):
