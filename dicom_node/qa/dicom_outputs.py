@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +35,7 @@ from pydicom.uid import (
 )
 
 from dicom_node import __version__
+from dicom_node.qa.report_data import write_atomically
 from dicom_node.sct_writer import (
     MANUFACTURER,
     SOURCE_SERIES_PURPOSE,
@@ -348,26 +347,8 @@ def _validate_uncertainty_map(pm: Dataset, values: np.ndarray, sources: Sequence
 
 
 def write_dataset(ds: pydicom.Dataset, path: Path) -> Path:
-    """Write ``ds`` to ``path`` as a DICOM file, atomically: a temporary file in the same folder,
-    fsynced, then renamed over ``path`` (and the folder fsynced)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            ds.save_as(stream, enforce_file_format=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return path
+    """Write ``ds`` to ``path`` as a DICOM file, atomically (``write_atomically``)."""
+    return write_atomically(path, lambda stream: ds.save_as(stream, enforce_file_format=True))
 
 
 def _check_mr_header(mr_header: pydicom.Dataset) -> None:

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import QAConfig
-from dicom_node.qa.checks import QAInputs, mr_body_on_sct, run_checks
+from dicom_node.qa.checks import QAInputs, every, mr_body_on_sct, run_checks, stride_for
 from dicom_node.qa.dicom_outputs import build_report_document, build_uncertainty_map, write_dataset
 from dicom_node.qa.layout import MR_HEADER_DCM, REPORT_DCM, REPORT_DICOM_JSON, UNCERTAINTY_DCM, deliverables
 from dicom_node.qa.policy import DECISION_TEXT, decide
@@ -233,8 +233,11 @@ def _report_data(
         qa_policy=job.qa_policy,
         computed_at_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
-    inside = body.array.astype(bool)
-    shares = tissue_fractions(result.hu.array, inside)
+    # The same voxels the checks looked at (every n-th on a large grid), so that the table and
+    # histogram show the shares hu_plausibility judged.
+    step = stride_for(result.hu.grid)
+    hu, inside = every(result.hu, step).array, every(body, step).array.astype(bool)
+    shares = tissue_fractions(hu, inside)
     stats = result.reference.tissues if result.reference is not None else None
     tissues = tuple(
         TissueRow(
@@ -251,7 +254,7 @@ def _report_data(
     )
     histogram = Histogram(
         edges_hu=HU_HISTOGRAM_EDGES,
-        sct_percent=tuple(100.0 * float(v) for v in hu_histogram(result.hu.array, inside)),
+        sct_percent=tuple(100.0 * float(v) for v in hu_histogram(hu, inside)),
         training_percent=tuple(100.0 * v for v in stats.ct_histogram_mean) if stats is not None else None,
         usual_percent=tuple(100.0 * v for v in stats.sct_histogram_mean) if stats is not None else None,
     )

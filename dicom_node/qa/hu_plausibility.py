@@ -63,8 +63,8 @@ def check_hu_plausibility(
             low, high = stats.sct_fraction_min[i], stats.sct_fraction_max[i]
             share = float(fractions[index])
             note = (
-                f"{100 * share:.1f} % of the body (usual {100 * low:.1f}-{100 * high:.1f}, "
-                f"CTs {100 * stats.ct_fraction_min[i]:.1f}-{100 * stats.ct_fraction_max[i]:.1f})"
+                f"{100 * share:.1f} % of the body; usual {100 * low:.1f}-{100 * high:.1f}, "
+                f"CTs {100 * stats.ct_fraction_min[i]:.1f}-{100 * stats.ct_fraction_max[i]:.1f}"
             )
             measurement = Measurement.judged(
                 NAME,

@@ -48,6 +48,8 @@ from sct_model.volume import Grid, Volume
 PNG_DPI = 150
 MAX_PLANE_PIXELS = 256  # the longest side of a plane on the display grid
 MAX_PLANES_HEIGHT = 5.7  # inches: the three planes one above the other
+MIN_PLANES_HEIGHT = 3.0  # below this the planes get a page of their own
+MIN_ROW_H = 0.45  # inches: the row of a plane thinner than this (a thin slab) is this high
 HU_OUTSIDE = -1024.0
 
 # A4 portrait, in inches; everything below is laid out in inches from the page's top left corner.
@@ -55,6 +57,7 @@ PAGE_W, PAGE_H = 8.27, 11.69
 MARGIN_X, MARGIN_TOP, FOOTER_H = 0.55, 0.5, 0.6
 CONTENT_W = PAGE_W - 2 * MARGIN_X
 CONTENT_BOTTOM = PAGE_H - FOOTER_H
+RUNNING_HEADER_H = 0.32  # the header line at the top of every page after the first
 
 INK, MUTED, RULE, HEADER_BG = "#1f2328", "#57606a", "#d0d7de", "#f2f4f7"
 VERDICT_COLOURS = {PASS: "#1a7f37", WARN: "#b35900", FAIL: "#c62828"}
@@ -348,24 +351,18 @@ def render_report(
 ) -> RenderedReport:
     """The report as PDF bytes and one PNG per page (either can be left out: b"" and ())."""
     measure = _measure()
-    blocks = [
-        _header_block(data, review, measure),
-        *_checks_blocks(data, measure),
-        _provenance_block(data, measure),
-        _planes_block(planes, measure, new_page=True),
-        _histogram_block(data, measure),
-    ]
+    histogram = _histogram_block(data, measure)
     pages = [_Page()]
-    for block in blocks:
-        page = pages[-1]
-        if block.new_page or (block.height > page.room() and page.y > MARGIN_TOP + 0.6):
-            pages.append(_Page())
-            page = pages[-1]
-            _running_header(page, data)
-            if block.continued is not None:
-                block.continued(page)
-        block.draw(page)
-        page.y += block.height
+    # Page 1: what happened (header, checks, provenance); the provenance moves to page 2 when page 1
+    # is full. Page 2: what it looks like; the planes take what that page has left, so that the
+    # report stays two pages (a third only when the planes would be smaller than MIN_PLANES_HEIGHT).
+    for block in (_header_block(data, review, measure), *_checks_blocks(data, measure),
+                  _provenance_block(data, measure)):  # fmt: skip
+        _place(pages, block, data)
+    room = pages[-1].room() if len(pages) > 1 else CONTENT_BOTTOM - MARGIN_TOP - RUNNING_HEADER_H
+    planes_block = _planes_block(planes, measure, room - histogram.height, new_page=len(pages) == 1)
+    for block in (planes_block, histogram):
+        _place(pages, block, data)
     for number, page in enumerate(pages, start=1):
         _footer(page, data, number, len(pages))
     prov = data.provenance
@@ -387,6 +384,19 @@ def render_report(
         page.figure.savefig(image, format="png", dpi=PNG_DPI, facecolor="white")
         pngs.append(image.getvalue())
     return RenderedReport(pdf=buffer.getvalue(), pages_png=tuple(pngs))
+
+
+def _place(pages: list[_Page], block: _Block, data: ReportData) -> None:
+    """Draws ``block`` on the last page, or on a new one when asked or when it does not fit."""
+    page = pages[-1]
+    if block.new_page or (block.height > page.room() and page.y > MARGIN_TOP + 0.6):
+        pages.append(_Page())
+        page = pages[-1]
+        _running_header(page, data)
+        if block.continued is not None:
+            block.continued(page)
+    block.draw(page)
+    page.y += block.height
 
 
 # --- page 1: what happened --------------------------------------------------------------------------------
@@ -489,7 +499,7 @@ def _header_block(data: ReportData, review: Review | None, measure: _Measure) ->
 
 
 # The checks table: (title, width in inches); the notes take what is left.
-_COLUMNS = (("Check", 1.45), ("Quantity", 1.3), ("Value", 0.75), ("Levels", 1.3), ("Verdict", 0.62))
+_COLUMNS = (("Check", 1.25), ("Quantity", 1.2), ("Value", 0.72), ("Levels", 1.25), ("Verdict", 0.55))
 _TABLE_SIZE, _LINE = 7.3, 0.135
 _PAD = 0.05
 
@@ -521,7 +531,7 @@ def _checks_blocks(data: ReportData, measure: _Measure) -> list[_Block]:
                 measure.wrap(m.quantity, widths[1] - 2 * _PAD, _TABLE_SIZE, max_lines=2),
                 measure.wrap(m.value_text(), widths[2] - 2 * _PAD, _TABLE_SIZE, max_lines=2),
                 measure.wrap(m.levels_text(), widths[3] - 2 * _PAD, _TABLE_SIZE, max_lines=2),
-                measure.wrap(m.note or "", widths[5] - 2 * _PAD, _TABLE_SIZE - 0.5, max_lines=4),
+                measure.wrap(m.note or "", widths[5] - 2 * _PAD, _TABLE_SIZE - 0.5, max_lines=3),
             ]
             rows.append((m, cells, max(len(c) for c in cells) * _LINE + 2 * _PAD))
         name_lines = measure.wrap(CHECK_TITLES.get(check.name, ""), widths[0] - 2 * _PAD - 0.04, 6.6, max_lines=2)
@@ -614,11 +624,11 @@ def _provenance_block(data: ReportData, measure: _Measure) -> _Block:
         ("sCT series UID", clean_text(prov.sct_series_uid, 64)),
     )
     half = CONTENT_W / 2
-    label_w = 1.0
+    label_w, line_h = 1.0, 0.145
     wrapped = [[(label, measure.wrap(value, half - label_w - 0.15, 7.6, max_lines=2)) for label, value in column]
                for column in columns]  # fmt: skip
-    column_heights = [sum(len(lines) * 0.155 for _, lines in column) for column in wrapped]
-    height = 0.32 + max(column_heights) + 0.08 + len(identifiers) * 0.16 + 0.2
+    column_heights = [sum(len(lines) * line_h for _, lines in column) for column in wrapped]
+    height = 0.32 + max(column_heights) + 0.08 + len(identifiers) * line_h + 0.12
 
     def draw(page: _Page) -> None:
         y = page.y
@@ -630,13 +640,13 @@ def _provenance_block(data: ReportData, measure: _Measure) -> _Block:
                 page.text(x, row_y, label, size=7.6, colour=MUTED)
                 for line in lines:
                     page.text(x + label_w, row_y, line, size=7.6)
-                    row_y += 0.155
+                    row_y += line_h
         y += max(column_heights) + 0.08
         page.rule(y - 0.02, colour="#eaeef2")
         for label, value in identifiers:
             page.text(MARGIN_X, y + 0.02, label, size=7.6, colour=MUTED)
             page.text(MARGIN_X + 1.3, y + 0.025, value, size=7.3, family=MONO)
-            y += 0.16
+            y += line_h
 
     return _Block(height, draw)
 
@@ -644,7 +654,9 @@ def _provenance_block(data: ReportData, measure: _Measure) -> _Block:
 # --- page 2: what it looks like ------------------------------------------------------------------------------
 
 
-def _planes_block(planes: Planes, measure: _Measure, *, new_page: bool) -> _Block:
+def _planes_block(planes: Planes, measure: _Measure, available_height: float, *, new_page: bool) -> _Block:
+    """The three planes, as large as ``available_height`` (inches for the whole block) allows, up
+    to ``MAX_PLANES_HEIGHT`` for the images; never under ``MIN_PLANES_HEIGHT``."""
     columns: list[tuple[str, str]] = [
         ("MR", f"window {_number(planes.mr_window[0])} to {_number(planes.mr_window[1])}"),
         ("sCT soft tissue", "W 400 / L 40 HU"),
@@ -656,16 +668,23 @@ def _planes_block(planes: Planes, measure: _Measure, *, new_page: bool) -> _Bloc
     slot_w = (CONTENT_W - label_w - gap * (len(columns) - 1)) / len(columns)
     # One scale for every plane (inches per pixel), so that a centimetre is as long in each of them.
     scale = min(slot_w, 2.2) / max(plane.shape[1] for plane in planes.sct)
-    scale = min(scale, MAX_PLANES_HEIGHT / sum(plane.shape[0] for plane in planes.sct))
-    sizes = [(plane.shape[1] * scale, plane.shape[0] * scale) for plane in planes.sct]
-    heights = [max(height, 0.45) for _, height in sizes]
     colourbar_h = 0.5 if planes.std is not None else 0.0
+    fixed_h = 0.32 + 0.36 + gap * 2 + colourbar_h + 0.42  # titles, gaps, colour bar, caption
+    images_h = min(MAX_PLANES_HEIGHT, max(MIN_PLANES_HEIGHT, available_height - fixed_h))
+    rows = [plane.shape[0] for plane in planes.sct]
+    scale = min(scale, images_h / sum(rows))
+    thin = [r * scale < MIN_ROW_H for r in rows]  # a thin plane's row is MIN_ROW_H high; the others share the rest
+    if any(thin) and not all(thin):
+        others = sum(r for r, is_thin in zip(rows, thin, strict=True) if not is_thin)
+        scale = min(scale, (images_h - MIN_ROW_H * sum(thin)) / others)
+    sizes = [(plane.shape[1] * scale, plane.shape[0] * scale) for plane in planes.sct]
+    heights = [max(height, MIN_ROW_H) for _, height in sizes]
     caption = (
         f"Planes through the body's centre of mass, {planes.pixel_mm:.2g} mm pixels. Axial seen from the feet "
         "(anterior up, patient's left on the right); coronal from the front and sagittal from the patient's left "
         f"(head up). Cyan: the MR's body outline."
     )
-    height = 0.32 + 0.36 + sum(heights) + gap * 2 + colourbar_h + 0.42
+    height = fixed_h + sum(heights)
     std_top = _std_display_max(planes)
 
     def draw(page: _Page) -> None:
@@ -845,7 +864,7 @@ def _running_header(page: _Page, data: ReportData) -> None:
     )
     page.text(MARGIN_X, page.y - 0.05, text, size=8, colour=MUTED)
     page.rule(page.y + 0.17)
-    page.y += 0.32
+    page.y += RUNNING_HEADER_H
 
 
 def _footer(page: _Page, data: ReportData, number: int, count: int) -> None:

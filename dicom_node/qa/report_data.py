@@ -16,9 +16,9 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -168,16 +168,7 @@ class Planes:
             if planes is not None:
                 for plane_name, plane in zip(PLANE_NAMES, planes, strict=True):
                     arrays[f"{name}_{plane_name}"] = plane
-        path = Path(folder) / PLANES_NPZ
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-        os.close(handle)
-        try:
-            np.savez_compressed(temporary, **arrays)  # type: ignore[arg-type]
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomically(Path(folder) / PLANES_NPZ, lambda stream: np.savez_compressed(stream, **arrays))  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, folder: Path) -> Planes:
@@ -196,17 +187,28 @@ class Planes:
             return cls(float(data["pixel_mm"]), mr, sct, three("std"), body, (low, high))
 
 
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` through a temporary file in the same folder, fsynced, then renamed."""
+def write_atomically(path: Path, content: bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write ``content`` (bytes, or a function that writes to the stream it is given) to ``path``
+    through a temporary file in the same folder, fsynced, then renamed over ``path``; the folder is
+    fsynced too, so that the new name survives a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(content)
+            if isinstance(content, bytes):
+                stream.write(content)
+            else:
+                content(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return path

@@ -312,6 +312,57 @@ def test_every_page_is_drawn_and_readable(rendered: RenderedReport, tmp_path: Pa
         assert_not_blank(page.read_bytes())
 
 
+def fullest_report_data() -> ReportData:
+    """A report as full as the gate writes one: every quantity of every check judged, with the notes
+    the checks write at their longest, a failing in_distribution with its reasons, long summaries."""
+    summary = "a summary a physicist reads, " * 8
+    in_distribution_note = "furthest from training: block1.c7.std -12.5 sd, output.c13.mean +11.4 sd"
+    tissue_note = "100.0 % of the body; usual 100.0-100.0, CTs 100.0-100.0"
+    fov_note = "1234567 of 12345678 outline voxels on a lateral or AP edge of the MR's view"
+
+    def judged(check: str, quantity: str, value: float, note: str = "", *, worse: str = ABOVE) -> Measurement:
+        return Measurement.judged(check, quantity, value, "pp", warn_at=3.0, fail_at=10.0, worse=worse, note=note)
+
+    tissues = ("air", "lung", "fat", "soft_tissue", "bone")
+    checks = (
+        CheckResult("in_distribution", (judged("in_distribution", "score", 12.0, in_distribution_note),), summary),
+        CheckResult(
+            "body_agreement",
+            (
+                judged("body_agreement", "dice", 0.5, worse=BELOW),
+                judged("body_agreement", "hd95", 30.0, "one of the two outlines is empty"),
+            ),
+            summary,
+        ),  # fmt: skip
+        CheckResult(
+            "hu_plausibility",
+            (
+                *(judged("hu_plausibility", t, 40.0, tissue_note) for t in tissues),
+                judged("hu_plausibility", "bone_outside_body", 4.0),
+                judged("hu_plausibility", "outside_hu_range", 4.0, "of the body outside [-1024, 3071] HU"),
+            ),
+            summary,
+        ),  # fmt: skip
+        CheckResult("uncertainty", (judged("uncertainty", "mean", 90.0), judged("uncertainty", "p95", 400.0)), summary),
+        CheckResult("field_of_view", (judged("field_of_view", "truncated_outline", 7.0, fov_note),), summary),
+    )
+    base = report_data()
+    return ReportData(base.provenance, QAOutcome(checks), base.tissues, base.histogram, "not sent: blocked")
+
+
+def test_the_fullest_report_stays_two_pages(planes: Planes, tmp_path: Path) -> None:
+    """Every check as full as the gate writes it and a reviewer's longest reason: still two pages, with
+    the provenance, the planes, the uncertainty and the histogram all there."""
+    reason = "checked slice by slice on the MR; " * 30  # more than the box shows
+    longest = Review("released", "Dr. Ada Physicist", reason, "2026-03-04T09:12:00+00:00")
+    report = render_report(fullest_report_data(), planes, longest, png=False)
+    text = pdf_text(report.pdf, tmp_path)
+    assert "page 2/2" in text and "page 3/" not in text
+    for title in ("Checks", "Provenance", "MR, synthetic CT and its uncertainty", "Uncertainty (SD)",
+                  "HU histogram inside the body", "Dr. Ada Physicist"):  # fmt: skip
+        assert title in text
+
+
 def test_the_pdf_says_what_a_physicist_needs(rendered: RenderedReport, tmp_path: Path) -> None:
     text = pdf_text(rendered.pdf, tmp_path)
     assert "QA report" in text and "Synthetic CT" in text
