@@ -407,7 +407,7 @@ def _status(data: ReportData, review: Review | None) -> tuple[str, str]:
     if review is not None:
         word = clean_text(review.decision, 32).upper()
         return word, VERDICT_COLOURS[PASS] if word.startswith("RELEASE") else VERDICT_COLOURS[FAIL]
-    decision = clean_text(data.decision, 32)
+    decision = clean_text(data.decision.split(":")[0], 32)  # "held for a physicist's review: not sent..."
     lowered = decision.lower()
     if lowered.startswith("sent"):
         colour = VERDICT_COLOURS[PASS]

@@ -87,7 +87,7 @@ class Measurement:
     def value_text(self) -> str:
         if self.value is None:
             return "-"
-        return f"{_number(self.value)}{' ' + self.unit if self.unit and self.unit != '%' else self.unit}"
+        return f"{_number(self.value)} {self.unit}" if self.unit else _number(self.value)
 
     def levels_text(self) -> str:
         """'warn > 1.25, fail > 2' ('<' where lower is worse); '-' without levels."""
