@@ -13,9 +13,10 @@ Runs ``sct-node serve`` (a subprocess, as in production) and Orthanc on free por
 Orthanc until the whole sCT series is stored. The node runs the default configuration: the QA gate
 (policy "hold") and its report go with the sCT. The split comes from the job's audit row: quiet
 period, series check, load, sampling, writing, QA checks, QA outputs (the report's PDF, its DICOM
-object), sending; "scheduling" is what the stages do not explain (sweep
-and runner ticks, Orthanc's indexing). The node's own overhead is the total without the quiet
-period and the sampling, which must stay under 5 s for a 300-slice series.
+object), sending; the QA gate runs beside the writing, so that part takes the longer of the two;
+"scheduling" is what the stages do not explain (sweep and runner ticks, Orthanc's indexing). The
+node's own overhead is the total without the quiet period and the sampling, which must stay under
+5 s for a 300-slice series.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tests.integration.harness import NodeProcess, node_config, require_binary, 
 
 OVERHEAD_LIMIT_S = 5.0
 STAGES = ("quiet_period", "check", "load", "sampling", "writing", "qa", "qa_outputs", "sending")
+CONCURRENT = ("writing", "qa", "qa_outputs")  # writing runs beside the QA gate (qa, then qa_outputs)
 
 
 class StoreSCP:
@@ -149,7 +151,11 @@ def one_run(
                 total_s = (stored_at - series.last_received_at).total_seconds()
                 timings = {stage: float(job.timings_s.get(stage, 0.0)) for stage in STAGES}
                 timings["total"] = total_s
-                timings["scheduling"] = total_s - sum(timings[s] for s in STAGES)
+                # The QA gate (checks, report, its DICOM) runs while the sCT files are written: that
+                # part of the job takes the longer of the two.
+                gate_s = timings["qa"] + timings["qa_outputs"]
+                in_line = sum(timings[s] for s in STAGES if s not in CONCURRENT) + max(timings["writing"], gate_s)
+                timings["scheduling"] = total_s - in_line
                 timings["overhead"] = total_s - timings["quiet_period"] - timings["sampling"]
                 timings["slices_in"], timings["slices_out"] = series.instance_count, job.sct_instance_count
                 if job.send_attempts != 1:  # a retry would be in the sending time: say so
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stage':<28}{'seconds':>10}")
     print("-" * 38)
     for stage in (*STAGES, "scheduling", "total"):
-        print(f"{stage:<28}{statistics.median(r[stage] for r in runs):>10.2f}")
+        label = f"{stage} (beside writing)" if stage in ("qa", "qa_outputs") else stage
+        print(f"{label:<28}{statistics.median(r[stage] for r in runs):>10.2f}")
     overhead = statistics.median(r["overhead"] for r in runs)
     print("-" * 38)
     print(
