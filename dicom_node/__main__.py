@@ -1,4 +1,4 @@
-"""The command line: ``sct-node serve | demo | resend | review | audit | check-config``."""
+"""The command line: ``sct-node serve | demo | resend | review | web | audit | check-config``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node import __version__
-from dicom_node.config import DEFAULT_CONFIG_PATH, Config, load_config
+from dicom_node.config import DEFAULT_CONFIG_PATH, WEB_ROLES, Config, load_config
 from dicom_node.errors import ConfigError, JobStateError, StorageInUseError
 from dicom_node.text_safety import SafeLogFormatter
 
@@ -84,6 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-create a deleted chain head when every event still verifies (the node cannot add events without it)",
     )
     _add_config(restore)
+
+    web = commands.add_parser(
+        "web", help="the physicists' review page: serve it, or manage its accounts (add-user, set-password, disable)"
+    )
+    _add_config(web)
+    web_commands = web.add_subparsers(dest="web_command")
+    add_user = web_commands.add_parser(
+        "add-user", help="a new account; the password is prompted for (or read from stdin)"
+    )
+    add_user.add_argument("name")
+    add_user.add_argument("--role", required=True, choices=WEB_ROLES, help="physicist: may release, reject, resend")
+    set_password = web_commands.add_parser("set-password", help="a new password for an account (and enable it)")
+    set_password.add_argument("name")
+    disable = web_commands.add_parser("disable", help="an account may no longer log in (its sessions end)")
+    disable.add_argument("name")
+    web_commands.add_parser("users", help="the accounts, their roles and whether they are enabled")
+    for sub in (add_user, set_password, disable, web_commands.choices["users"]):
+        # --config after the account command too; SUPPRESS keeps the one given before it
+        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="configuration file")
 
     demo = commands.add_parser("demo", help="end-to-end demo: node + receiving PACS on free ports, one MR series")
     demo.add_argument("--input", type=Path, default=None, help="a folder of real MR DICOM files (default: generated)")
@@ -200,6 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.audit_command == "restore-head":
             return audit_report.print_restore_head(config)
         return audit_report.print_job(config, args.job)
+    if args.command == "web":
+        from dicom_node.web import server
+
+        if args.web_command is None:
+            return server.serve(config)
+        return server.run_account_command(
+            config, args.web_command, getattr(args, "name", ""), getattr(args, "role", None)
+        )
     if args.command == "demo":
         from dicom_node import demo
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 import re
 import ssl
 import tomllib
@@ -176,6 +177,20 @@ class JobsConfig:
     retention_days: float
 
 
+WEB_ROLES = ("viewer", "physicist")
+
+
+@dataclasses.dataclass(frozen=True)
+class WebConfig:
+    """The physicists' review page (dicom_node.web; config.toml documents each key)."""
+
+    enabled: bool = False  # `sct-node serve` serves it too (`sct-node web` serves it on its own)
+    bind: str = "127.0.0.1"
+    port: int = 8440
+    tls: bool = False  # HTTPS with the [tls] certificate
+    session_minutes: float = 30.0  # a session ends after this long without a request
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     node: NodeConfig
@@ -190,6 +205,7 @@ class Config:
     source: Path
     qa: QAConfig
     tls: TLSConfig = TLSConfig()
+    web: WebConfig = WebConfig()
 
     def route(self, name: str) -> Route:
         for route in self.routes:
@@ -276,6 +292,16 @@ class _Table:
             raise ConfigError(
                 f"unknown key {self.key(unknown[0])}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
             )
+
+
+def _is_loopback(host: str) -> bool:
+    """``host`` (an address or a name) only reaches this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
@@ -487,7 +513,23 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
 
     qa = _qa_config(table("qa"))
 
-    tls = _tls_config(base, tls_paths, _tls_users(node, destinations))
+    t = table("web")
+    web = WebConfig(
+        enabled=t.get("enabled", bool),
+        bind=t.get("bind", str),
+        port=t.get("port", int, _port),
+        tls=t.get("tls", bool),
+        session_minutes=float(t.get("session_minutes", (int, float), _positive)),
+    )
+    t.finish()
+    if not web.tls and not _is_loopback(web.bind):
+        raise ConfigError(
+            f"web.bind = {web.bind!r} is reachable from other machines: set web.tls = true (passwords and "
+            "patient data must not cross the network in clear text) or bind to 127.0.0.1"
+        )
+
+    users = _tls_users(node, destinations) + (["web.tls = true"] if web.tls else [])
+    tls = _tls_config(base, tls_paths, users)
 
     top.finish()
     return Config(
@@ -503,6 +545,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         source=source,
         tls=tls,
         qa=qa,
+        web=web,
     )
 
 
@@ -619,6 +662,7 @@ def dump_config(config: Config) -> str:
         "model": section(config.model),
         "jobs": section(config.jobs),
         "qa": section(config.qa),
+        "web": section(config.web),
     }
     return tomli_w.dumps(document)
 

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from dicom_node import jobs, series, spool
 from dicom_node.audit import AuditDB, InstanceRecorder, add_event
@@ -17,6 +17,9 @@ from dicom_node.pipeline import PipelineContext, PredictorPool, default_predicto
 from dicom_node.scheduler import NodeScheduler
 from dicom_node.scp import StorageSCP
 from sct_model.result import SCTPredictor
+
+if TYPE_CHECKING:
+    from dicom_node.web.server import WebThread
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class Node:
         self.recorder: InstanceRecorder | None = None
         self.scp: StorageSCP | None = None
         self.scheduler: NodeScheduler | None = None
+        self.web: WebThread | None = None
         self._lock_file: IO[str] | None = None
 
     @property
@@ -77,6 +81,11 @@ class Node:
         ctx = PipelineContext(self.config, self.db, PredictorPool(self._predictor_factory))
         self.scheduler = NodeScheduler(ctx)
         self.scheduler.start()
+        if self.config.web.enabled:
+            from dicom_node.web.server import WebThread  # the web stack is loaded only when served
+
+            self.web = WebThread(self.config, self.db)
+            self.web.start()
         log.info("sct-node %s listening on %s:%d", self.config.node.ae_title, self.config.node.bind, self.port)
 
     def _lock_storage_root(self) -> None:
@@ -91,6 +100,8 @@ class Node:
 
     def stop(self) -> None:
         """Stop listening, let running tasks finish, write the last audit rows."""
+        if self.web is not None:
+            self.web.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.scheduler is not None:

@@ -315,3 +315,25 @@ def test_destination_associations_are_one_by_default_and_bounded():
     data = _default()
     data["destination"][0]["associations"] = 3
     assert parse_config(data, DEFAULT_CONFIG_PATH).destinations[0].associations == 3
+
+
+def test_the_review_page_is_off_by_default_and_never_in_clear_text_beyond_this_machine(pki):
+    web = load_config().web
+    assert (web.enabled, web.bind, web.tls) == (False, "127.0.0.1", False)
+    for bind in ("0.0.0.0", "10.1.2.3", "sct-node.hospital.example"):
+        data = _default()
+        data["web"]["bind"] = bind
+        with pytest.raises(ConfigError, match=r"web.bind = .* set web.tls = true"):
+            parse_config(data, DEFAULT_CONFIG_PATH)
+    data = _default()
+    data["web"].update(bind="0.0.0.0", tls=True)
+    with pytest.raises(ConfigError, match=r"web.tls = true needs tls.certificate"):
+        parse_config(data, DEFAULT_CONFIG_PATH)
+    data["tls"] = pki.tls_section()
+    assert parse_config(data, DEFAULT_CONFIG_PATH).web.tls
+    for key, value, message in (("port", 70000, "web.port"), ("session_minutes", 0, "web.session_minutes"),
+                                ("enabled", "yes", "web.enabled")):  # fmt: skip
+        data = _default()
+        data["web"][key] = value
+        with pytest.raises(ConfigError, match=message):
+            parse_config(data, DEFAULT_CONFIG_PATH)

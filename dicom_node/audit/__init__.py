@@ -24,6 +24,7 @@ from dicom_node.audit.models import (
     SendRow,
     SeriesRow,
     SeriesState,
+    WebUserRow,
     utcnow,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "SendRow",
     "SeriesRow",
     "SeriesState",
+    "WebUserRow",
     "add_event",
     "event_hash",
     "record_instances",

@@ -230,3 +230,19 @@ class ChainHeadRow(Base):
     seq: Mapped[int] = mapped_column(Integer)
     head_hash: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class WebUserRow(Base):
+    """An account of the review page (dicom_node.web.accounts): its role decides what it may do;
+    the password is kept as an argon2id hash only. Accounts are disabled, never deleted, so that the
+    audit events that name them keep a name that existed."""
+
+    __tablename__ = "web_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # "viewer" or "physicist"
+    password_hash: Mapped[str] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    password_changed_at: Mapped[dt.datetime] = mapped_column(DateTime)
