@@ -7,7 +7,7 @@ TORCH_PIP_OPTS ?=
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all venv peers demo test test-fast reliability reliability-short lint typecheck bench-ingest bench-latency bench-sampler bench-qa serve clean
+.PHONY: all venv peers demo test test-fast reliability reliability-short lint typecheck bench-ingest bench-latency bench-sampler bench-qa bench-web screenshots web serve clean
 
 all: test
 
@@ -67,6 +67,17 @@ bench-sampler: venv
 # MRs (ROC AUC, false holds) and what the checks cost on a 300-slice series (minutes on a CPU).
 bench-qa: venv
 	$(PY) benchmarks/qa.py
+
+# The review page's screenshots in docs/ (the browser test, with a real node, Orthanc and Chromium).
+screenshots: venv peers
+	SCT_WEB_SCREENSHOTS=docs $(VENV)/bin/pytest -q tests/web/test_browser.py
+
+# The review page: time to first paint of a 300-slice job, bytes sent, the worklist with 10,000 jobs.
+bench-web: venv peers
+	$(PY) benchmarks/web.py
+
+web: venv
+	$(VENV)/bin/sct-node web
 
 clean:
 	rm -rf var demo-output .pytest_cache

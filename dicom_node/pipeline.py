@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import threading
 import time
@@ -85,22 +86,27 @@ def run_queued_jobs(ctx: PipelineContext, after_each: Callable[[], None] | None 
             job_id = job.id if job is not None else None
         if job_id is None:
             return count
-        run_job(ctx, job_id)
+        for_people = run_job(ctx, job_id)
         count += 1
         if after_each is not None:
             after_each()  # the sender starts on the job before its report's pages are drawn
         try:
             draw_report_pages(ctx.job_qa_folder(job_id))
-        except Exception:  # the pages serve people; the job is not touched (review show draws them)
-            log.exception("job %d: drawing the QA report's pages failed", job_id)
+            if for_people is not None:
+                for_people()
+        except Exception:  # they serve people; the job is not touched (the page builds them again)
+            log.exception("job %d: drawing the QA report's pages or the viewer's volumes failed", job_id)
 
 
-def run_job(ctx: PipelineContext, job_id: int) -> None:
-    """Compute and write the sCT of a RUNNING job; SENDING when its series is in the outbox."""
+def run_job(ctx: PipelineContext, job_id: int) -> Callable[[], None] | None:
+    """Compute and write the sCT of a RUNNING job; SENDING when its series is in the outbox.
+
+    Returns what is left to do for people once the job has moved on: with the review page served
+    (``[web] enabled``), writing the viewer's volumes while the MR and the sCT are still in memory."""
     with ctx.db.session() as session:
         job = session.get(JobRow, job_id)
         if job is None or job.state != JobState.RUNNING:
-            return
+            return None
         series_id = job.series_id
         paths = series_instance_paths(session, series_id)
         gate_job = GateJob(
@@ -177,7 +183,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         timings.update(gate.timings_s)
     except Exception as exc:  # noqa: BLE001 - the one place a stage's failure becomes a FAILED job
         _fail(ctx, job_id, exc, timings)
-        return
+        return None
 
     with ctx.db.session() as session:
         job = session.get(JobRow, job_id)
@@ -202,6 +208,11 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         gate.outcome.verdict,
         gate.decision,
     )
+    if not ctx.config.web.enabled:
+        return None
+    from dicom_node.web.volumes import write_viewer_volumes
+
+    return functools.partial(write_viewer_volumes, ctx.job_qa_folder(job_id), mr_volume, result.hu, result.std_hu)
 
 
 def record_gate(session: Session, job: JobRow, gate: GateResult, folder: Path, written: str) -> None:

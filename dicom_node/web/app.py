@@ -13,6 +13,7 @@ import datetime as dt
 import os
 import secrets
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,16 +25,19 @@ from fastapi.templating import Jinja2Templates
 from starlette.middleware.sessions import SessionMiddleware
 
 from dicom_node import __version__, jobs
-from dicom_node.audit import AuditDB, JobState, add_event, utcnow
+from dicom_node.audit import AuditDB, JobRow, JobState, add_event, utcnow
 from dicom_node.audit.verify import verify_chain
 from dicom_node.config import Config
 from dicom_node.errors import JobStateError
 from dicom_node.qa.layout import PAGE_PNG
 from dicom_node.qa.review import REJECTED, RELEASED, ReviewError, take_decision
-from dicom_node.web import queries
+from dicom_node.series import series_instance_paths
+from dicom_node.web import queries, volumes
 from dicom_node.web.accounts import User, authenticate, current
 
 TEMPLATES = Path(__file__).parent / "templates"
+STATIC = Path(__file__).parent / "static"
+STATIC_FILES = {"niivue-0.69.0.umd.js": "text/javascript", "viewer.js": "text/javascript"}
 SESSION_COOKIE = "sct_node_session"
 SECRET_FILE = "session.key"
 
@@ -75,12 +79,18 @@ def create_app(config: Config, db: AuditDB | None = None) -> FastAPI:
             token = request.session["csrf"] = secrets.token_urlsafe(32)
         return str(token)
 
+    idle_s = config.web.session_minutes * 60
+
     def logged_in(request: Request) -> User:
+        """The account of the request's session; the session ends after ``idle_s`` without a request
+        (checked here, and by the signed cookie's age: each request signs it again)."""
         name = request.session.get("user")
         user = current(db, str(name)) if name else None
-        if user is None:
+        now = time.time()
+        if user is None or now - float(request.session.get("seen", 0)) > idle_s:
             request.session.pop("user", None)
             raise NotLoggedInError
+        request.session["seen"] = now
         return user
 
     def physicist(user: Annotated[User, Depends(logged_in)]) -> User:
@@ -161,6 +171,7 @@ def create_app(config: Config, db: AuditDB | None = None) -> FastAPI:
         request.session.clear()  # a new session: nothing of the anonymous one carries over
         request.session["user"] = user.name
         request.session["csrf"] = secrets.token_urlsafe(32)
+        request.session["seen"] = time.time()
         return RedirectResponse(_local(next), status_code=303)
 
     @app.post("/logout")
@@ -205,7 +216,46 @@ def create_app(config: Config, db: AuditDB | None = None) -> FastAPI:
             found = queries.job_page(session, job_id)
             if found is None:
                 raise HTTPException(404, f"no job {job_id}")
-            return render(request, "job.html", user, page=found, JobState=JobState, message=message[:200])
+            shown, missing = viewer_volumes(found.job)
+            return render(request, "job.html", user, page=found, JobState=JobState, message=message[:200],
+                          volumes=shown, volumes_missing=missing)  # fmt: skip
+
+    def viewer_volumes(job: JobRow) -> tuple[tuple[str, ...], str]:
+        """The volumes the viewer will show (those there are, or can be built), or why none."""
+        if job.state in (JobState.QUEUED, JobState.RUNNING) or not job.output_dir:
+            return (), "No sCT yet: the job has not been computed."
+        folder = Path(job.qa_dir) if job.qa_dir else None
+        present = volumes.available(folder) if folder is not None else {}
+        if "mr" in present and "sct" in present:
+            return tuple(present), ""
+        if not Path(job.output_dir).is_dir():
+            return (), "The sCT's files have been deleted by retention: the PACS has the sCT."
+        return ("mr", "sct", *(("std",) if job.uncertainty_path else ())), ""
+
+    @app.get("/jobs/{job_id}/volumes/{kind}.nii")
+    def volume(job_id: int, kind: str, user: Annotated[User, Depends(logged_in)]) -> FileResponse:
+        """A viewer volume: the gzipped NIfTI file sent as it is, the browser unpacking it (Content-Encoding)."""
+        if kind not in volumes.VIEWER_FILES:
+            raise HTTPException(404, f"no volume {kind!r}")
+        with db.reading() as session:
+            found = session.get(JobRow, job_id)
+            if found is None:
+                raise HTTPException(404, f"no job {job_id}")
+            mr_paths = series_instance_paths(session, found.series_id)
+            session.expunge(found)
+        try:
+            files = volumes.ensure(config, found, mr_paths)
+        except volumes.VolumesUnavailableError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        if kind not in files:
+            raise HTTPException(404, f"job {job_id} has no {kind} volume")
+        return FileResponse(files[kind], media_type="application/octet-stream", headers={"Content-Encoding": "gzip"})
+
+    @app.get("/static/{name}")
+    def static(name: str, user: Annotated[User, Depends(logged_in)]) -> FileResponse:
+        if name not in STATIC_FILES:
+            raise HTTPException(404, f"no file {name!r}")
+        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
 
     @app.get("/jobs/{job_id}/report-{number}.png")
     def report_page(job_id: int, number: int, user: Annotated[User, Depends(logged_in)]) -> FileResponse:

@@ -10,7 +10,7 @@ import re
 import ssl
 from pathlib import Path
 
-import httpx
+import httpx2 as httpx
 import pytest
 from sqlalchemy import select
 
