@@ -2,7 +2,8 @@
 # The tests' real peers come from Debian: dcmtk (storescu/storescp/echoscu) and orthanc, and
 # openssl (the DICOM TLS tests make their throw-away CA and certificates with it), and poppler-utils
 # (the QA report tests turn the PDF pages into PNG with pdftoppm), and chromium (the review page's
-# browser tests drive it with Playwright; Playwright's own browser download cannot work offline).
+# browser tests drive it with Playwright; Playwright's own browser download cannot work offline), and
+# postgresql (the review page's test on a PostgreSQL audit database, a throw-away cluster).
 # Installs them when missing and running as root; otherwise stops with the exact line to run.
 set -euo pipefail
 missing=()
@@ -10,6 +11,7 @@ command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 { command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } || missing+=(orthanc)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ]; then

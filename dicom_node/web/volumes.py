@@ -10,6 +10,7 @@ job (``after_job``); for any other job the page builds them from the job's files
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
@@ -20,10 +21,11 @@ import SimpleITK as sitk
 
 from dicom_node.audit import JobRow
 from dicom_node.config import Config
-from sct_model.volume import Volume, resample
+from sct_model.volume import Grid, Volume, resample
 
 VIEWER_FILES = {"mr": "viewer-mr.nii.gz", "sct": "viewer-sct.nii.gz", "std": "viewer-std.nii.gz"}
 COMPRESSION_LEVEL = 1  # fast: most of the size is won at level 1 on these volumes
+MAX_VIEWER_VOXELS = 8_000_000  # more are shown on a coarser grid (the PACS has the sCT at full resolution)
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -32,14 +34,34 @@ class VolumesUnavailableError(RuntimeError):
     """The job's files needed for the viewer are gone (retention) or were never written; says which."""
 
 
+def viewer_grid(grid: Grid, max_voxels: int = MAX_VIEWER_VOXELS) -> Grid:
+    """``grid``, or the same box on coarser voxels (the same factor on each axis) when it has more
+    than ``max_voxels``: a browser draws three such volumes in a second or two."""
+    voxels = math.prod(grid.size)
+    if voxels <= max_voxels:
+        return grid
+    factor = (voxels / max_voxels) ** (1 / 3)
+    size = tuple(max(1, int(n / factor)) for n in grid.size)
+    extent = np.asarray(grid.size) * np.asarray(grid.spacing_mm)  # the box the voxels cover, kept
+    spacing = extent / np.asarray(size)
+    corner = np.asarray(grid.index_to_point(np.asarray([[-0.5, -0.5, -0.5]]))[0])  # the box's corner
+    origin = corner + grid.direction_matrix @ (spacing / 2)
+    return Grid(size=size, spacing_mm=tuple(spacing), origin_mm=tuple(origin), direction=grid.direction)  # type: ignore[arg-type]
+
+
 def write_viewer_volumes(folder: Path, mr: Volume, sct: Volume, std: Volume | None) -> None:
-    """The viewer's NIfTI files of one job in ``folder``, each written atomically."""
+    """The viewer's NIfTI files of one job in ``folder`` (on ``viewer_grid`` of the sCT), each written
+    atomically; the uncertainty in steps of 0.1 HU (int16 with a scale), which it does not need finer."""
     folder.mkdir(parents=True, exist_ok=True)
-    mr_on_sct = resample(mr, sct.grid, default_value=0.0, linear=True)
-    _write(folder / VIEWER_FILES["mr"], Volume(_int16(mr_on_sct.array), sct.grid))
-    _write(folder / VIEWER_FILES["sct"], Volume(_int16(sct.array), sct.grid))
+    grid = viewer_grid(sct.grid)
+
+    def on_grid(volume: Volume, outside: float) -> np.ndarray:
+        return (volume if volume.grid == grid else resample(volume, grid, default_value=outside)).array
+
+    _write(folder / VIEWER_FILES["mr"], Volume(_int16(on_grid(mr, 0.0)), grid))
+    _write(folder / VIEWER_FILES["sct"], Volume(_int16(on_grid(sct, -1024.0)), grid))
     if std is not None:
-        _write(folder / VIEWER_FILES["std"], Volume(std.array.astype(np.float32), std.grid))
+        _write(folder / VIEWER_FILES["std"], Volume(_int16(on_grid(std, 0.0) * 10), grid), scale=0.1)
 
 
 def available(folder: Path) -> dict[str, Path]:
@@ -88,15 +110,29 @@ def _int16(array: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(array), -32768, 32767).astype(np.int16)
 
 
-def _write(path: Path, volume: Volume) -> None:
+def _write(path: Path, volume: Volume, *, scale: float = 1.0) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
     os.close(handle)
     try:
         sitk.WriteImage(volume.to_image(), temporary, True, COMPRESSION_LEVEL)
+        if scale != 1.0:  # NIfTI's scl_slope: the viewer shows stored value x scale
+            _set_nifti_scale(Path(temporary), scale)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _set_nifti_scale(path: Path, slope: float) -> None:
+    """Set scl_slope (byte 112 of the NIfTI-1 header, float32) and scl_inter (116) of a .nii.gz file."""
+    import gzip
+    import struct
+
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    if struct.unpack_from("<i", data, 0)[0] != 348:
+        raise ValueError(f"{path}: not a little-endian NIfTI-1 file")
+    struct.pack_into("<ff", data, 112, slope, 0.0)
+    path.write_bytes(gzip.compress(bytes(data), compresslevel=COMPRESSION_LEVEL))
 
 
 def _lock_for(key: str) -> threading.Lock:

@@ -39,6 +39,7 @@
     if (byKind("sct")) setWindow(byKind("sct"), ...WINDOWS.soft);
     const milliseconds = performance.now() - started;
     root.dataset.loadedMs = String(Math.round(milliseconds));
+    root.dataset.readyAtMs = String(Math.round(performance.now())); // since the navigation started
     root.dataset.ready = "true";
     if (status) status.textContent = `loaded in ${(milliseconds / 1000).toFixed(1)} s`;
   }
