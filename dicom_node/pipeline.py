@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from dicom_node import jobs, scu
-from dicom_node.audit import AuditDB, JobRow, JobState, QAResultRow, SendRow, add_event, utcnow
+from dicom_node.audit import AuditDB, JobRow, JobState, QAResultRow, SendInstanceRow, SendRow, add_event, utcnow
 from dicom_node.config import Config
 from dicom_node.errors import SctNodeError
 from dicom_node.mr_series import check_series, load_mr_volume, read_headers
@@ -359,19 +359,25 @@ def _record_send(ctx: PipelineContext, job_id: int, attempt: int, numbered: int,
         job.send_attempts = attempt
         for item in attempts:
             result = item.result
-            session.add(
-                SendRow(
-                    job_id=job_id,
-                    destination=result.destination,
-                    attempt=numbered,
-                    started_at=item.started_at,
-                    finished_at=utcnow(),
-                    ok=result.ok,
-                    instances_sent=result.sent,
-                    instances_failed=result.failed,
-                    message=result.message,
-                )
+            send = SendRow(
+                job_id=job_id,
+                destination=result.destination,
+                attempt=numbered,
+                started_at=item.started_at,
+                finished_at=utcnow(),
+                ok=result.ok,
+                instances_sent=result.sent,
+                instances_failed=result.failed,
+                message=result.message,
             )
+            session.add(send)
+            session.flush()
+            if result.statuses:  # each instance's answer, in one multi-row insert
+                session.execute(
+                    insert(SendInstanceRow),
+                    [{"send_id": send.id, "sop_instance_uid": s.sop_instance_uid, "status": s.status}
+                     for s in result.statuses],
+                )  # fmt: skip
             add_event(
                 session,
                 "send",

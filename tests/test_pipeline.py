@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from sqlalchemy import select
 
 from dicom_node import scu
-from dicom_node.audit import EventRow, JobRow, JobState, SendRow, SeriesRow
+from dicom_node.audit import EventRow, JobRow, JobState, SendInstanceRow, SendRow, SeriesRow
 from dicom_node.config import Destination, load_config, with_overrides
 from dicom_node.errors import SamplingError
 from dicom_node.node import Node
@@ -188,6 +188,10 @@ def test_destination_refusing_gets_retries_then_failed_then_resend_delivers(tmp_
                 *((n, False) for n in range(1, config.sender.max_attempts + 1)),
                 (config.sender.max_attempts + 1, True),
             ]
+            for row in rows:  # what the destination answered, instance by instance
+                answers = session.scalars(select(SendInstanceRow).where(SendInstanceRow.send_id == row.id)).all()
+                assert len(answers) == job.sct_instance_count
+                assert {a.status for a in answers} == ({0} if row.ok else {0xA700})
     finally:
         node.stop()
         refusing.stop()

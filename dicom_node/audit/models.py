@@ -246,3 +246,15 @@ class WebUserRow(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     password_changed_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class SendInstanceRow(Base):
+    """What the destination answered for each instance of one send attempt (``SendRow``): the DICOM
+    status of its C-STORE, or none (the association was lost or timed out before the answer)."""
+
+    __tablename__ = "send_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    send_id: Mapped[int] = mapped_column(ForeignKey("sends.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 0x0000 success, 0xB000.. warning

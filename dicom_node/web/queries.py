@@ -14,7 +14,16 @@ from pathlib import Path
 from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
-from dicom_node.audit import EventRow, JobRow, JobState, QAResultRow, SendRow, SeriesRow, SeriesState
+from dicom_node.audit import (
+    EventRow,
+    JobRow,
+    JobState,
+    QAResultRow,
+    SendInstanceRow,
+    SendRow,
+    SeriesRow,
+    SeriesState,
+)
 from dicom_node.qa.layout import PAGE_PNG
 
 PAGE_SIZE = 100
@@ -128,6 +137,7 @@ class JobPage:
     sends: tuple[SendRow, ...]
     events: tuple[EventRow, ...]
     report_pages: tuple[int, ...]  # the numbers of the report's PNG pages that exist
+    instances: dict[int, tuple[SendInstanceRow, ...]]  # each send's per-instance answers, refused first
 
 
 def job_page(session: Session, job_id: int) -> JobPage | None:
@@ -147,7 +157,15 @@ def job_page(session: Session, job_id: int) -> JobPage | None:
             .order_by(EventRow.seq, EventRow.id)
         )
     )
-    return JobPage(job, series, qa_results, sends, events, report_page_numbers(job))
+    instances: dict[int, list[SendInstanceRow]] = {}
+    if sends:
+        for row in session.scalars(
+            select(SendInstanceRow).where(SendInstanceRow.send_id.in_([send.id for send in sends]))
+            .order_by(SendInstanceRow.id)
+        ):  # fmt: skip
+            instances.setdefault(row.send_id, []).append(row)
+    refused_first = {k: tuple(sorted(v, key=lambda r: r.status == 0)) for k, v in instances.items()}
+    return JobPage(job, series, qa_results, sends, events, report_page_numbers(job), refused_first)
 
 
 def report_page_numbers(job: JobRow) -> tuple[int, ...]:

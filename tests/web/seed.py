@@ -9,7 +9,17 @@ import datetime as dt
 from pathlib import Path
 
 from dicom_node import jobs
-from dicom_node.audit import AuditDB, JobRow, QAResultRow, SendRow, SeriesRow, SeriesState, add_event, utcnow
+from dicom_node.audit import (
+    AuditDB,
+    JobRow,
+    QAResultRow,
+    SendInstanceRow,
+    SendRow,
+    SeriesRow,
+    SeriesState,
+    add_event,
+    utcnow,
+)
 from dicom_node.config import Config
 from dicom_node.qa.report import extract_planes, write_report
 from tests.qa.test_report import report_data, volumes
@@ -83,14 +93,20 @@ def add_qa_results(db: AuditDB, job_id: int, verdict: str) -> None:
 
 
 def add_send(db: AuditDB, job_id: int, destination: str, *, ok: bool, attempt: int = 1, message: str = "") -> None:
+    """A send of 40 instances: all stored, or the first refused (0xA700), one unanswered, the rest stored."""
     now = utcnow()
     with db.session() as session:
-        session.add(
-            SendRow(
-                job_id=job_id, destination=destination, attempt=attempt, started_at=now, finished_at=now, ok=ok,
-                instances_sent=40 if ok else 0, instances_failed=0 if ok else 40, message=message,
-            )
+        send = SendRow(
+            job_id=job_id, destination=destination, attempt=attempt, started_at=now, finished_at=now, ok=ok,
+            instances_sent=40 if ok else 38, instances_failed=0 if ok else 2, message=message,
         )  # fmt: skip
+        session.add(send)
+        session.flush()
+        statuses = [0] * 40 if ok else [0xA700, None, *([0] * 38)]
+        session.add_all(
+            SendInstanceRow(send_id=send.id, sop_instance_uid=f"1.2.826.0.1.77.{job_id}.{i}", status=status)
+            for i, status in enumerate(statuses)
+        )
 
 
 def seed(db: AuditDB, config: Config, folder: Path) -> Seeded:

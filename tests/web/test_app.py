@@ -262,6 +262,9 @@ def test_the_job_page_shows_checks_report_sends_and_history(client: TestClient, 
     assert client.get("/jobs/9999", headers=HTML).status_code == 404
     failed = client.get(f"/jobs/{seeded.failed}", headers=HTML).text
     assert "association rejected" in failed and "failed" in failed
+    assert "answered for each of the 40 instances" in failed  # per instance, refused first
+    assert failed.index("0xA700") < failed.index("no answer") < failed.index("0x0000 stored")
+    assert f"1.2.826.0.1.77.{seeded.failed}.0" in failed
 
 
 def test_the_series_page_shows_quarantined_series_with_their_reason(client: TestClient, seeded: Seeded) -> None:
