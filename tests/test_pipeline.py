@@ -24,7 +24,7 @@ from dicom_node.peers import FileStoreSCP, free_port
 from dicom_node.synthetic_mr import generate_mr_series
 from sct_model.result import PredictorInfo, SCTResult
 from sct_model.volume import Grid, Volume, axial_grid_covering
-from tests.integration.harness import mechanics_routes, wait_for
+from tests.integration.harness import in_process_config, wait_for
 
 
 class UncertainPredictor:
@@ -63,20 +63,7 @@ def pacs(tmp_path):
 
 def _config(tmp_path: Path, pacs_port: int, **model: object):
     """The default config on free ports under tmp_path; the fast bulk-density method unless given."""
-    model = {"method": "bulk_density", **model}
-    config = load_config()
-    root = tmp_path / "node"
-    return with_overrides(
-        config,
-        node={"port": free_port()},
-        storage={"root": root, "min_free_mb": 10},
-        audit={"url": f"sqlite:///{root / 'audit.sqlite'}"},
-        series={"quiet_period_s": 0.5, "sweep_interval_s": 0.2},
-        sender={"first_retry_s": 0.2, "max_retry_s": 0.5, "max_attempts": 2, "timeout_s": 10.0},
-        destinations=(Destination("planning_pacs", "PLANNING", "127.0.0.1", pacs_port),),
-        routes=mechanics_routes(config),
-        model=model,
-    )
+    return in_process_config(tmp_path, pacs_port, model={"method": "bulk_density", **model})
 
 
 def _send(node: Node, files: list[Path]) -> None:

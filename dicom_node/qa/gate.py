@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import QAConfig
-from dicom_node.qa.checks import QAInputs, every, mr_body_on_sct, run_checks, stride_for
+from dicom_node.qa.checks import QAInputs, mr_body_on_sct, run_checks
 from dicom_node.qa.dicom_outputs import build_report_document, build_uncertainty_map, write_dataset
 from dicom_node.qa.layout import MR_HEADER_DCM, REPORT_DCM, REPORT_DICOM_JSON, UNCERTAINTY_DCM, deliverables
 from dicom_node.qa.policy import DECISION_TEXT, decide
@@ -91,12 +91,13 @@ def run_gate(
     """Check the job's sCT, write its QA folder, and say what the route's policy makes of the verdicts."""
     started = time.perf_counter()
     body = mr_body_on_sct(mr, result)  # full resolution: the checks may look at every n-th voxel
-    outcome, check_seconds = run_checks(QAInputs.of(mr, result, job.samples, body), qa)
+    inputs = QAInputs.of(mr, result, job.samples, body)
+    outcome, check_seconds = run_checks(inputs, qa)
     decision = decide(job.qa_policy, outcome.verdict)
     checked = time.perf_counter()
 
     folder.mkdir(parents=True, exist_ok=True)
-    data = _report_data(job, mr_headers, result, sct_series, outcome, body, DECISION_TEXT[decision])
+    data = _report_data(job, mr_headers, result, sct_series, outcome, inputs, DECISION_TEXT[decision])
     planes = extract_planes(mr, result.hu, result.std_hu, body)
     rendered = write_report(folder, data, planes, pages=False)  # the PNG pages later: draw_pages
     series_number = int(sct_series.dataset(0).SeriesNumber)
@@ -203,7 +204,7 @@ def _report_data(
     result: SCTResult,
     sct_series: SCTSeries,
     outcome: QAOutcome,
-    body: Volume,
+    inputs: QAInputs,
     decision_text: str,
 ) -> ReportData:
     mr = mr_headers[0]
@@ -233,10 +234,9 @@ def _report_data(
         qa_policy=job.qa_policy,
         computed_at_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
-    # The same voxels the checks looked at (every n-th on a large grid), so that the table and
-    # histogram show the shares hu_plausibility judged.
-    step = stride_for(result.hu.grid)
-    hu, inside = every(result.hu, step).array, every(body, step).array.astype(bool)
+    # The voxels the checks looked at (every n-th on a large grid): the table and histogram show the
+    # shares hu_plausibility judged.
+    hu, inside = inputs.sct.array, inputs.mr_body.array.astype(bool)
     shares = tissue_fractions(hu, inside)
     stats = result.reference.tissues if result.reference is not None else None
     tissues = tuple(

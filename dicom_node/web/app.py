@@ -259,11 +259,11 @@ def create_app(config: Config, db: AuditDB | None = None) -> FastAPI:
 
     @app.get("/jobs/{job_id}/report-{number}.png")
     def report_page(job_id: int, number: int, user: Annotated[User, Depends(logged_in)]) -> FileResponse:
-        with db.reading() as session:
-            found = queries.job_page(session, job_id)
-            if found is None or number not in found.report_pages:
+        with db.reading() as session:  # the job's row only: its QA folder
+            found = session.get(JobRow, job_id)
+            if found is None or number not in queries.report_page_numbers(found):
                 raise HTTPException(404, f"job {job_id} has no report page {number}")
-            path = Path(found.job.qa_dir) / PAGE_PNG.format(number)
+            path = Path(found.qa_dir) / PAGE_PNG.format(number)
         return FileResponse(path, media_type="image/png")
 
     @app.post("/jobs/{job_id}/release")

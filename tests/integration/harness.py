@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from dicom_node.audit import AuditDB
-from dicom_node.config import DEFAULT_CONFIG_PATH, Config, Route, load_config
+from dicom_node.config import DEFAULT_CONFIG_PATH, Config, Destination, Route, load_config, with_overrides
 from dicom_node.peers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +56,31 @@ def mechanics_routes(config: Config) -> tuple[Route, ...]:
         dataclasses.replace(route, qa_policy="send", send_qa_report=False, send_uncertainty=False)
         for route in config.routes
     )
+
+
+def in_process_config(tmp_path: Path, pacs_port: int, *, qa_policy: str | None = None, **sections: Any) -> Config:
+    """The default configuration for a ``Node`` started in the test's own process: free port, storage
+    and audit under ``tmp_path``, quick sweeps and retries, the destination ``planning_pacs`` on
+    ``pacs_port``. Routes: ``mechanics_routes`` unless ``qa_policy`` is given (then that policy and
+    the QA objects). ``sections``: fields merged over these (``sender={"timeout_s": 30.0}``)."""
+    config = load_config()
+    root = tmp_path / "node"
+    values: dict[str, dict[str, Any]] = {
+        "node": {"port": free_port()},
+        "storage": {"root": root, "min_free_mb": 10},
+        "audit": {"url": f"sqlite:///{root / 'audit.sqlite'}"},
+        "series": {"quiet_period_s": 0.5, "sweep_interval_s": 0.2},
+        "sender": {"first_retry_s": 0.2, "max_retry_s": 0.5, "max_attempts": 2, "timeout_s": 10.0},
+    }
+    for name, fields in sections.items():
+        values[name] = {**values.get(name, {}), **fields}
+    routes = (
+        mechanics_routes(config)
+        if qa_policy is None
+        else tuple(dataclasses.replace(route, qa_policy=qa_policy) for route in config.routes)
+    )
+    destination = Destination("planning_pacs", "PLANNING", "127.0.0.1", pacs_port)
+    return with_overrides(config, destinations=(destination,), routes=routes, **values)
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:

@@ -4,7 +4,6 @@ a release delivers it once, a rejection never, the block policy never sends a fa
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -16,14 +15,14 @@ from sqlalchemy import select
 from dicom_node import jobs, scu
 from dicom_node.audit import EventRow, JobRow, JobState, QAResultRow, SeriesRow
 from dicom_node.audit.report import describe_job
-from dicom_node.config import Config, Destination, load_config, with_overrides
+from dicom_node.config import Config, Destination
 from dicom_node.demo import generate_demo_series
 from dicom_node.errors import JobStateError
 from dicom_node.node import Node
-from dicom_node.peers import FileStoreSCP, free_port
+from dicom_node.peers import FileStoreSCP
 from dicom_node.qa import review
 from dicom_node.synthetic_mr import write_volume_series
-from tests.integration.harness import wait_for
+from tests.integration.harness import in_process_config, wait_for
 from training.ood import make_ood
 from training.phantoms import make_phantom
 
@@ -48,19 +47,8 @@ def pacs(tmp_path):
 
 def _config(tmp_path: Path, pacs_port: int, *, policy: str = "hold", **model: object) -> Config:
     """The default configuration (the demo checkpoint, 25 steps, the default [qa]) on free ports."""
-    config = load_config()
-    root = tmp_path / "node"
-    routes = tuple(dataclasses.replace(route, qa_policy=policy) for route in config.routes)
-    return with_overrides(
-        config,
-        node={"port": free_port()},
-        storage={"root": root, "min_free_mb": 10},
-        audit={"url": f"sqlite:///{root / 'audit.sqlite'}"},
-        series={"quiet_period_s": 0.5, "sweep_interval_s": 0.2},
-        sender={"first_retry_s": 0.2, "max_retry_s": 0.5, "max_attempts": 2, "timeout_s": 20.0},
-        destinations=(Destination("planning_pacs", "PLANNING", "127.0.0.1", pacs_port),),
-        routes=routes,
-        model={"device": "cpu", **model},
+    return in_process_config(
+        tmp_path, pacs_port, qa_policy=policy, sender={"timeout_s": 20.0}, model={"device": "cpu", **model}
     )
 
 

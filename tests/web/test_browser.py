@@ -10,7 +10,6 @@ screenshots there for the README.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import shutil
@@ -23,13 +22,13 @@ from sqlalchemy import select
 
 from dicom_node import scu
 from dicom_node.audit import EventRow, JobRow, JobState
-from dicom_node.config import Config, Destination, load_config, with_overrides
+from dicom_node.config import Config, Destination
 from dicom_node.demo import generate_demo_series
 from dicom_node.node import Node
 from dicom_node.peers import Orthanc, free_port
 from dicom_node.synthetic_mr import write_volume_series
 from dicom_node.web import accounts
-from tests.integration.harness import require_binary, wait_for
+from tests.integration.harness import in_process_config, require_binary, wait_for
 from training.ood import make_ood
 from training.phantoms import make_phantom
 
@@ -47,20 +46,11 @@ def orthanc(tmp_path: Path):
 
 
 def node_config(tmp_path: Path, pacs_port: int) -> Config:
-    config = load_config()
-    root = tmp_path / "node"
-    return with_overrides(
-        config,
-        node={"port": free_port()},
-        storage={"root": root, "min_free_mb": 10},
-        audit={"url": f"sqlite:///{root / 'audit.sqlite'}"},
-        series={"quiet_period_s": 0.5, "sweep_interval_s": 0.2},
-        sender={"first_retry_s": 0.2, "max_retry_s": 0.5, "max_attempts": 3, "timeout_s": 30.0},
-        destinations=(Destination("planning_pacs", "PLANNING", "127.0.0.1", pacs_port),),
-        routes=tuple(dataclasses.replace(r, destinations=("planning_pacs",)) for r in config.routes),
-        model={"device": "cpu", "samples": 2},
-        web={"enabled": True, "port": free_port()},
-    )
+    """The default configuration (QA policy "hold", the demo checkpoint, two samples), the page served."""
+    return in_process_config(
+        tmp_path, pacs_port, qa_policy="hold", sender={"max_attempts": 3, "timeout_s": 30.0},
+        model={"device": "cpu", "samples": 2}, web={"enabled": True, "port": free_port()},
+    )  # fmt: skip
 
 
 def send(node: Node, folder: Path) -> None:
